@@ -1,0 +1,100 @@
+"""Resumable checkpoints: written whole under a temporary name, then renamed; rotated; found again.
+
+A folder named `checkpoint-<step>` exists only once everything inside it is on disk, so a crash
+mid-write leaves a hidden temporary folder (cleaned up next time), never a checkpoint that lies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"checkpoint-(\d+)")
+ADAPTER = "adapter.safetensors"
+STATE = "training_state.pt"
+META = "meta.json"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(root: Path, step: int, adapter: dict[str, torch.Tensor], state: dict[str, Any], meta: dict) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / ADAPTER))
+    torch.save(state, tmp / STATE)
+    (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
+    for f in (ADAPTER, STATE, META):
+        _fsync(tmp / f)
+    if final.exists():  # the same step again (e.g. a stop right after a periodic save): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    return final
+
+
+def step_of(path: Path) -> int:
+    m = _NAME.fullmatch(path.name)
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint-<step> folder")
+    return int(m.group(1))
+
+
+def complete(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first; also clears temporary folders left by a crash."""
+    if not root.is_dir():
+        return []
+    for stale in root.glob(".checkpoint-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    found = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / META).is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest(root: Path) -> Path | None:
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    adapter = load_file(str(path / ADAPTER))
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    meta = json.loads((path / META).read_text())
+    return adapter, state, meta
+
+
+def rotate(root: Path, limit: int) -> list[Path]:
+    """Keep the newest `limit` checkpoints (0 = all); returns what was removed."""
+    found = complete(root)
+    doomed = found[:-limit] if limit and len(found) > limit else []
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed

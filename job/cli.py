@@ -1,0 +1,117 @@
+"""The command line: every setting as an option with its environment variable; exceptions → exit codes.
+
+The only module that reads the environment. Options are generated from `config.SPECS`, so the CLI,
+`--help`, env.example and validation cannot drift apart. Values are taken as raw strings and parsed
+by `config`, which reports every bad value at once (typer would stop at the first).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from job import config, log
+from job.errors import ConfigError, JobError
+
+COMMANDS = ("train", "check", "demo")
+typer_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="Train an AuraFlow LyCORIS LoKr adapter as an unattended job. Commands: train (default), check, demo.",
+    context_settings={"max_content_width": 120},
+)
+
+_GROUP_TITLES = {g: f"{g.capitalize()} settings" for g in config.GROUPS}
+
+
+def _options() -> list[inspect.Parameter]:
+    params = []
+    for spec in config.SPECS:
+        default = "(empty)" if spec.default == "" else spec.default
+        if spec.name == "lycoris_config":
+            default = "the seed's LoKr config"
+        params.append(inspect.Parameter(
+            spec.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            default=typer.Option(None, spec.option, envvar=spec.env, show_envvar=True, show_default=False,
+                                 help=f"{spec.help} (default: {default})", rich_help_panel=_GROUP_TITLES[spec.group]),
+        ))
+    params.append(inspect.Parameter(
+        "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+        default=typer.Option(None, "--config-file", envvar=config.CONFIG_FILE_ENV, show_envvar=True,
+                             help="SimpleTuner-style config.json; explicit options and variables override it"),
+    ))
+    return params
+
+
+def _raw_values(given: dict[str, str | None]) -> dict[str, str | None]:
+    # click treats an empty variable as absent; we want to see it (an empty LEARNING_RATE is an error).
+    for spec in config.SPECS:
+        if given.get(spec.name) is None and os.environ.get(spec.env) == "":
+            given[spec.name] = ""
+    return given
+
+
+def _builtin_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auraflow-lokr-job"
+
+
+def _run(command: str, given: dict[str, str | None]) -> None:
+    log.setup(verbose=os.environ.get("JOB_VERBOSE", "") not in ("", "0"))
+    raw = _raw_values(given)
+    config_file = raw.pop("config_file", None)
+    for name in ("hf_token", "wandb_api_key"):
+        log.register_secret(raw.get(name) or "")
+    from job import pipeline  # heavy imports (torch) only after the command line parsed
+
+    try:
+        file_layer: dict[str, str] = {}
+        if config_file:
+            file_layer, ignored, problems = config.read_config_file(config_file)
+            if problems:
+                raise ConfigError(problems)
+            if ignored:
+                log.log.warning("CONFIG_FILE: %d key(s) not used by this job, ignored: %s", len(ignored),
+                                ", ".join(ignored))
+        layers = [file_layer, raw]
+        if command == "demo":
+            defaults, forced = pipeline.demo_layers(_builtin_root())
+            layers = [defaults, *layers, forced]
+        settings = config.build_settings(layers)
+        pipeline.run(command, settings)
+    except JobError as e:
+        log.log.error("%s", e)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        log.log.error("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _command(name: str, doc: str):
+    def handler(**given):
+        _run(name, given)
+
+    handler.__signature__ = inspect.Signature(_options())
+    handler.__doc__ = doc
+    handler.__name__ = name
+    typer_app.command(name)(handler)
+
+
+_command("train", "Preflight, pull model and dataset, cache, train, sample, push (the default command).")
+_command("check", "Preflight only: validate every setting, check Hub access and disk, print the plan. "
+                  "Downloads no weights.")
+_command("demo", "Train on the embedded tiny AuraFlow and a generated toy image set (CPU-friendly, no Hub) "
+                 "into ./output/demo.")
+
+
+def app(argv: list[str] | None = None) -> None:
+    """Entry point: no command (or only options) means `train`, as in the image's default command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0] not in COMMANDS and args[0] not in ("--help", "-h")):
+        args.insert(0, "train")
+    elif args[0] in ("--help", "-h"):
+        args = ["train", "--help"]
+    typer_app(args=args, prog_name="entrypoint.py")

@@ -1,0 +1,529 @@
+"""Typed, frozen settings: declared once, parsed from raw strings, validated all at once.
+
+Every setting is a field of one of the group dataclasses below; its metadata (raw default, help,
+allowed values) is the single source for the CLI options, `--help`, env.example and validation.
+Raw values arrive as strings (from the CLI, the environment or a SimpleTuner `config.json`) and go
+through one parser, so `LEARNING_RATE=abc` and `"learning_rate": "abc"` fail the same way.
+No torch, no environment reads, no network: a bad config fails in well under a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from job.errors import ConfigError
+
+FLAVOURS = {
+    "v0.1": "fal/AuraFlow",
+    "v0.2": "fal/AuraFlow-v0.2",
+    "v0.3": "terminusresearch/auraflow-v0.3",
+    "pony": "purplesmartai/pony-v7-base",
+}
+OPTIMIZERS = (
+    "adamw", "adamw_bf16", "optimi-adamw", "optimi-lion",
+    "bnb-adamw8bit", "bnb-lion8bit", "bnb-adamw8bit-paged", "bnb-lion8bit-paged",
+)
+LYCORIS_ALGOS = ("lokr", "locon", "loha", "lora", "full", "diag-oft", "boft", "glora", "ia3", "dylora")
+SEED_LYCORIS_CONFIG = {
+    "algo": "lokr",
+    "multiplier": 1.0,
+    "linear_dim": 10000,
+    "linear_alpha": 1,
+    "factor": 16,
+    "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 8}}},
+}
+SECRET_MASK = "***"
+
+
+class Invalid(ValueError):
+    """A parser's complaint: what is allowed (the caller adds the variable and the value)."""
+
+
+# ---------------------------------------------------------------- parsers (str -> value)
+
+def _bool(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise Invalid("expected a boolean: true/false/1/0/yes/no")
+
+
+def _number(cast: type, lo: float | None, hi: float | None, lo_open: bool) -> Callable[[str], Any]:
+    noun = "an integer" if cast is int else "a number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        bounds.append(f"<= {hi:g}")
+    allowed = noun + (" " + " and ".join(bounds) if bounds else "")
+
+    def parse(raw: str):
+        try:
+            value = cast(raw.strip())
+        except ValueError:
+            raise Invalid(f"expected {allowed}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise Invalid(f"expected {allowed}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise Invalid(f"out of range; expected {allowed}")
+        if hi is not None and value > hi:
+            raise Invalid(f"out of range; expected {allowed}")
+        return value
+
+    parse.allowed = allowed
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        v = raw.strip()
+        if v not in choices:
+            raise Invalid("expected one of: " + ", ".join(choices))
+        return v
+
+    parse.allowed = "one of: " + ", ".join(choices)
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def loads_lenient(text: str) -> Any:
+    """json.loads that also takes the trailing commas of the seed document's own examples."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as first:
+        try:
+            return json.loads(re.sub(r",(\s*[\]}])", r"\1", text))
+        except json.JSONDecodeError:
+            raise Invalid(f"not valid JSON ({first.msg} at line {first.lineno} column {first.colno})") from None
+
+
+def _json_or_path(kind: type, what: str) -> Callable[[str], Any]:
+    """Inline JSON, or the path of a JSON file; the parsed object must be a `kind`."""
+
+    def parse(raw: str):
+        text = raw.strip()
+        if not text:
+            return kind()
+        if text[0] not in "{[":
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise Invalid(f"no such file; expected inline JSON or the path of a JSON file ({what})")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise Invalid(f"cannot read the file: {e.__class__.__name__}") from None
+        value = loads_lenient(text)
+        if not isinstance(value, kind):
+            raise Invalid(f"expected a JSON {'object' if kind is dict else 'list'} ({what})")
+        return value
+
+    parse.allowed = f"inline JSON or a JSON file path ({what})"
+    return parse
+
+
+def _resolutions(raw: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in raw.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", part)
+        if not m:
+            raise Invalid("expected WxH or a side length, comma-separated (e.g. 1024x1024,1280x768)")
+        w = int(m.group(1))
+        h = int(m.group(2) or w)
+        if w <= 0 or h <= 0:
+            raise Invalid("sides must be positive")
+        out.append((w, h))
+    return tuple(out)
+
+
+def _num_processes(raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return 0  # resolved at launch: one per visible GPU, 1 on CPU
+    return _number(int, 1, None, False)(raw)
+
+
+_num_processes.allowed = "auto or an integer >= 1"
+
+
+def opt(default: str, help: str, parse: Callable[[str], Any] | None = None, *, secret: bool = False):
+    """A setting: its raw default (as a user would type it), help text and parser.
+
+    parse=None means: infer from the annotation (str/bool) at class creation."""
+    return field(metadata={"default": default, "help": help, "parse": parse, "secret": secret}, repr=not secret)
+
+
+def _pos_int(lo: int = 1):
+    return _number(int, lo, None, False)
+
+
+# ---------------------------------------------------------------- the settings, grouped by concern
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model_id: str = opt("", "Hub repo id or local folder of the base AuraFlow pipeline; empty = MODEL_FLAVOUR's default")
+    model_flavour: str = opt("v0.3", "Picks the default MODEL_ID: " + ", ".join(f"{k} -> {v}" for k, v in FLAVOURS.items()),
+                             _choice(*FLAVOURS))
+    model_revision: str = opt("main", "Branch, tag or commit of MODEL_ID on the Hub")
+    model_family: str = opt("auraflow", "SimpleTuner compatibility: only auraflow", _choice("auraflow"))
+    model_type: str = opt("lora", "SimpleTuner compatibility: only lora (an adapter, never a full fine-tune)",
+                          _choice("lora"))
+    lora_type: str = opt("lycoris", "SimpleTuner compatibility: only lycoris", _choice("lycoris"))
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset_id: str = opt("", "Hub dataset repo id or local folder of images (required unless DATA_BACKEND_CONFIG)")
+    dataset_revision: str = opt("main", "Branch, tag or commit of DATASET_ID on the Hub")
+    caption_strategy: str = opt("textfile", "Where captions come from: textfile (sibling .txt), filename, "
+                                "instanceprompt (INSTANCE_PROMPT), metadata (metadata.jsonl/.csv)",
+                                _choice("textfile", "filename", "instanceprompt", "metadata"))
+    instance_prompt: str = opt("", "Caption for every image with CAPTION_STRATEGY=instanceprompt; shown in the model card")
+    resolution: int = opt("1024", "Training resolution in pixels (short side for pixel, sqrt of area for pixel_area)",
+                          _pos_int(16))
+    resolution_type: str = opt("pixel_area", "How RESOLUTION is read: pixel (short side) or pixel_area (area)",
+                               _choice("pixel", "pixel_area"))
+    crop: bool = opt("false", "Crop images to the bucket instead of resizing the whole image into it")
+    crop_style: str = opt("center", "Where to crop: center, random, corner", _choice("center", "random", "corner"))
+    crop_aspect: str = opt("square", "Bucket shape when cropping: square or preserve (aspect buckets)",
+                           _choice("square", "preserve"))
+    repeats: int = opt("0", "Extra passes over the dataset per epoch (0 = each image once)", _pos_int(0))
+    caption_dropout_probability: float = opt("0.0", "Probability of training a sample with the empty prompt",
+                                             _number(float, 0.0, 1.0, False))
+    data_backend_config: list = opt("", "SimpleTuner multi-dataset JSON (inline or a file path); replaces DATASET_ID",
+                                    _json_or_path(list, "a list of dataset entries"))
+    vae_batch_size: int = opt("4", "Images per VAE batch while caching latents", _pos_int())
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    lycoris_config: dict = opt(json.dumps(SEED_LYCORIS_CONFIG), "LyCORIS config (inline JSON or a file path); "
+                               "default: the seed's LoKr (factor 16, Attention at factor 8)",
+                               _json_or_path(dict, "a LyCORIS config object"))
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    max_train_steps: int = opt("1000", "Optimizer steps to train (0 = use NUM_TRAIN_EPOCHS)", _pos_int(0))
+    num_train_epochs: int = opt("0", "Epochs to train when MAX_TRAIN_STEPS is 0", _pos_int(0))
+    train_batch_size: int = opt("1", "Images per micro-batch", _pos_int())
+    gradient_accumulation_steps: int = opt("1", "Micro-batches per optimizer step", _pos_int())
+    learning_rate: float = opt("4e-5", "Peak learning rate", _number(float, 0.0, None, True))
+    optimizer: str = opt("optimi-lion", "Optimizer: " + ", ".join(OPTIMIZERS), _choice(*OPTIMIZERS))
+    lr_scheduler: str = opt("constant", "Learning-rate schedule after warm-up",
+                            _choice("constant", "constant_with_warmup", "linear", "cosine", "polynomial"))
+    lr_warmup_steps: int = opt("0", "Linear warm-up steps", _pos_int(0))
+    max_grad_norm: float = opt("2.0", "Gradient clipping threshold (0 = off)", _number(float, 0.0, None, False))
+    grad_clip_method: str = opt("value", "Clip each gradient element (value) or the total norm (norm)",
+                                _choice("value", "norm"))
+    mixed_precision: str = opt("bf16", "Compute and adapter precision: bf16 or no (fp32)", _choice("bf16", "no"))
+    base_model_precision: str = opt("no_change", "Frozen base weights: no_change, int8-quanto, int4-quanto, nf4-bnb (CUDA)",
+                                    _choice("no_change", "int8-quanto", "int4-quanto", "nf4-bnb"))
+    quantize_via: str = opt("accelerator", "Where to quantise the base: cpu (less VRAM at start) or accelerator",
+                            _choice("cpu", "accelerator"))
+    gradient_checkpointing: bool = opt("true", "Recompute activations in the backward to save memory")
+    use_ema: bool = opt("false", "Keep an EMA of the adapter weights")
+    ema_decay: float = opt("0.999", "EMA decay per optimizer step", _number(float, 0.0, 1.0, True))
+    seed: int = opt("42", "Random seed (data order, noise, timesteps, adapter init)", _pos_int(0))
+    flow_schedule_shift: float = opt("3.0", "Timestep shift s*shift/(1+(shift-1)*s); 1 = none",
+                                     _number(float, 0.0, None, True))
+    flow_schedule_auto_shift: bool = opt("false", "Resolution-dependent shift instead of FLOW_SCHEDULE_SHIFT")
+    flow_use_uniform_schedule: bool = opt("false", "Sample sigmas uniformly instead of logit-normal")
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    enable_group_offload: bool = opt("false", "Offload transformer blocks to CPU (or disk) between uses")
+    group_offload_type: str = opt("block_level", "Offload granularity", _choice("block_level", "leaf_level"))
+    group_offload_blocks_per_group: int = opt("1", "Blocks per offload group (block_level)", _pos_int())
+    group_offload_use_stream: bool = opt("false", "Prefetch the next group on a CUDA stream")
+    group_offload_to_disk_path: str = opt("", "Spill offloaded weights to this folder instead of RAM")
+    enable_model_cpu_offload: bool = opt("false", "Move whole models to CPU when idle (simpler, slower)")
+    offload_during_startup: bool = opt("false", "Keep the VAE and text encoder on the GPU only while caching")
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    validation_prompt: str = opt("", "Main validation prompt (default: INSTANCE_PROMPT)")
+    user_prompt_library: dict = opt("", "JSON {nickname: prompt} (inline or a file path) of extra validation prompts",
+                                    _json_or_path(dict, "an object of nickname: prompt"))
+    validation_negative_prompt: str = opt("ugly, cropped, blurry, low-quality, mediocre average",
+                                          "Negative prompt for validation images")
+    validation_step_interval: int = opt("200", "Render validation images every N steps (0 = only at the end)",
+                                        _pos_int(0))
+    validation_resolution: tuple = opt("1024x1024", "One or more WxH, comma-separated", _resolutions)
+    validation_guidance: float = opt("3.5", "Classifier-free guidance scale", _number(float, 0.0, None, False))
+    validation_num_inference_steps: int = opt("20", "Sampler steps per validation image", _pos_int())
+    validation_seed: int = opt("42", "Seed for validation noise (the same every round)", _pos_int(0))
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    checkpoint_step_interval: int = opt("500", "Write a resumable checkpoint every N steps (0 = only on stop)",
+                                        _pos_int(0))
+    checkpoints_total_limit: int = opt("5", "Keep at most this many checkpoints (0 = keep all)", _pos_int(0))
+    resume_from_checkpoint: str = opt("latest", "latest, none, or a checkpoint folder")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    output_dir: str = opt("./output", "Where the adapter, samples, checkpoints and caches go")
+    push_to_hub: bool = opt("true", "Push the adapter, samples and model card to HUB_MODEL_ID")
+    hub_model_id: str = opt("", "Output model repo on the Hub (user/name)")
+    hub_private: bool = opt("true", "Create the output repo as private")
+    push_checkpoints_to_hub: bool = opt("false", "Also upload each checkpoint to the output repo")
+    report_to: str = opt("none", "Tracker: wandb, tensorboard or none", _choice("wandb", "tensorboard", "none"))
+    tracker_project_name: str = opt("auraflow-lokr", "Tracker project name")
+    tracker_run_name: str = opt("", "Tracker run name (default: derived from HUB_MODEL_ID or OUTPUT_DIR)")
+    webhook_url: str = opt("", "POST progress events here (Discord webhooks get Discord's format)")
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    num_processes: int = opt("auto", "Data-parallel processes (auto = one per visible GPU)", _num_processes)
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    pod_action_on_success: str = opt("none", "After a successful push: none, stop or terminate the pod",
+                                     _choice("none", "stop", "terminate"))
+    pod_action_on_failure: str = opt("none", "After a failure: none or stop the pod", _choice("none", "stop"))
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    hf_token: str = opt("", "Hugging Face token (read for gated models, write for pushing)", secret=True)
+    hf_home: str = opt("", "Hugging Face cache folder (put it on the persistent volume)")
+    hf_endpoint: str = opt("", "Hub endpoint (mirror); empty = huggingface.co")
+    wandb_api_key: str = opt("", "Weights & Biases API key (REPORT_TO=wandb)", secret=True)
+    wandb_mode: str = opt("", "Weights & Biases mode: online, offline or disabled",
+                          _choice("", "online", "offline", "disabled"))
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelSettings, "data": DataSettings, "adapter": AdapterSettings, "training": TrainingSettings,
+    "memory": MemorySettings, "validation": ValidationSettings, "checkpoints": CheckpointSettings,
+    "output": OutputSettings, "scale": ScaleSettings, "cloud": CloudSettings, "access": AccessSettings,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelSettings
+    data: DataSettings
+    adapter: AdapterSettings
+    training: TrainingSettings
+    memory: MemorySettings
+    validation: ValidationSettings
+    checkpoints: CheckpointSettings
+    output: OutputSettings
+    scale: ScaleSettings
+    cloud: CloudSettings
+    access: AccessSettings
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id or FLAVOURS[self.model.model_flavour]
+
+    def public_dict(self) -> dict:
+        """Resolved settings for training_config.json and trackers: secrets removed, not masked."""
+        out = {}
+        for group in GROUPS:
+            for f in dataclasses.fields(GROUPS[group]):
+                if not f.metadata["secret"]:
+                    value = getattr(getattr(self, group), f.name)
+                    out[f.name] = list(map(list, value)) if isinstance(value, tuple) else value
+        out["model_id"] = self.model_id
+        return out
+
+    def secrets(self) -> list[str]:
+        return [v for v in (self.access.hf_token, self.access.wandb_api_key) if v]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting as the outside world sees it."""
+
+    name: str
+    group: str
+    default: str
+    help: str
+    parse: Callable[[str], Any]
+    secret: bool
+    is_text: bool  # free text: empty means "not set" rather than invalid
+
+    @property
+    def env(self) -> str:
+        return self.name.upper()
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _specs() -> list[Spec]:
+    out = []
+    for group, cls in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            parse = f.metadata["parse"] or {"bool": _bool, "str": _text}[f.type]
+            out.append(Spec(f.name, group, f.metadata["default"], f.metadata["help"], parse,
+                            f.metadata["secret"], f.metadata["parse"] is None and f.type == "str"))
+    return out
+
+
+SPECS: list[Spec] = _specs()
+SPEC_BY_NAME: dict[str, Spec] = {s.name: s for s in SPECS}
+CONFIG_FILE_ENV = "CONFIG_FILE"
+
+# SimpleTuner keys that a user's config.json may carry but that mean nothing to this job.
+# They are named in a warning, never silently dropped.
+_SIMPLETUNER_PREFIX = "--"
+
+
+def _show(spec: Spec, raw: str) -> str:
+    return SECRET_MASK if spec.secret else repr(raw)
+
+
+# ---------------------------------------------------------------- loading
+
+def read_config_file(path: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """A SimpleTuner-style config.json → (raw values by setting name, ignored keys, problems)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return {}, [], [f"{CONFIG_FILE_ENV}={path!r}: no such file; expected the path of a JSON config file"]
+    try:
+        data = loads_lenient(p.read_text(encoding="utf-8"))
+    except (Invalid, OSError, UnicodeDecodeError) as e:
+        return {}, [], [f"{CONFIG_FILE_ENV}={path!r}: {e}"]
+    if not isinstance(data, dict):
+        return {}, [], [f"{CONFIG_FILE_ENV}={path!r}: expected a JSON object of option: value"]
+    raw, ignored = {}, []
+    for key, value in data.items():
+        name = key.removeprefix(_SIMPLETUNER_PREFIX).replace("-", "_").lower()
+        if name not in SPEC_BY_NAME:
+            ignored.append(key)
+            continue
+        if isinstance(value, bool):
+            raw[name] = "true" if value else "false"
+        elif value is None:
+            continue
+        elif isinstance(value, (dict, list)):
+            raw[name] = json.dumps(value)
+        else:
+            raw[name] = str(value)
+    return raw, sorted(ignored), []
+
+
+def build_settings(layers: list[dict[str, str | None]]) -> Settings:
+    """Parse raw values, later layers winning, defaults beneath all; raise every problem at once."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        # An empty free-text value means "not set" (an empty template field), so a lower layer still counts.
+        merged.update({k: v for k, v in layer.items()
+                       if v is not None and not (v.strip() == "" and SPEC_BY_NAME[k].is_text)})
+    problems: list[str] = []
+    failed: list[str] = []
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        raw = merged.get(spec.name, spec.default)
+        try:
+            if raw.strip() == "" and not spec.is_text and spec.default.strip() != "":
+                raise Invalid(f"empty; expected {getattr(spec.parse, 'allowed', 'a value')}")
+            values[spec.name] = spec.parse(raw)
+        except Invalid as e:
+            problems.append(f"{spec.env}={_show(spec, raw)}: {e}")
+            failed.append(spec.env)
+            values[spec.name] = spec.parse(spec.default)  # stand-in so the cross-checks still run
+    groups = {g: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for g, cls in GROUPS.items()}
+    settings = Settings(**groups)
+    # Report contradictions together with the parse errors, except those that involve a bad value.
+    problems += [c for c in cross_check(settings) if not any(var in c for var in failed)]
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def cross_check(s: Settings) -> list[str]:
+    """Contradictions and missing companions between settings (no file system beyond small reads)."""
+    p: list[str] = []
+    t, m, o, d = s.training, s.memory, s.output, s.data
+    if t.max_train_steps == 0 and t.num_train_epochs == 0:
+        p.append("MAX_TRAIN_STEPS=0 and NUM_TRAIN_EPOCHS=0: set one of them above 0")
+    if m.enable_group_offload and m.enable_model_cpu_offload:
+        p.append("ENABLE_GROUP_OFFLOAD=true with ENABLE_MODEL_CPU_OFFLOAD=true: choose one offload method")
+    if m.enable_group_offload or m.enable_model_cpu_offload:
+        which = "ENABLE_GROUP_OFFLOAD" if m.enable_group_offload else "ENABLE_MODEL_CPU_OFFLOAD"
+        p.append(f"{which}=true: offloading is not supported by this version of the job yet; "
+                 "use BASE_MODEL_PRECISION=int8-quanto to save memory")
+    if o.push_to_hub and not o.hub_model_id:
+        p.append("PUSH_TO_HUB=true needs HUB_MODEL_ID (user/name); set PUSH_TO_HUB=false to keep the output local")
+    if o.push_to_hub and not s.access.hf_token:
+        p.append("PUSH_TO_HUB=true needs HF_TOKEN (a write token)")
+    if o.hub_model_id and not re.fullmatch(r"[\w.-]+/[\w.-]+", o.hub_model_id):
+        p.append(f"HUB_MODEL_ID={o.hub_model_id!r}: expected user/name")
+    if o.push_checkpoints_to_hub and not o.push_to_hub:
+        p.append("PUSH_CHECKPOINTS_TO_HUB=true needs PUSH_TO_HUB=true")
+    if not d.dataset_id and not d.data_backend_config:
+        p.append("DATASET_ID is required (a Hub dataset repo id or a local folder), or DATA_BACKEND_CONFIG")
+    if d.dataset_id and d.data_backend_config:
+        p.append("DATASET_ID and DATA_BACKEND_CONFIG are both set: use one")
+    if d.data_backend_config:
+        p.append("DATA_BACKEND_CONFIG: multi-dataset configs are not supported by this version of the job yet; "
+                 "use DATASET_ID")
+    if d.caption_strategy == "instanceprompt" and not d.instance_prompt:
+        p.append("CAPTION_STRATEGY=instanceprompt needs INSTANCE_PROMPT")
+    if t.optimizer == "adamw_bf16" and t.mixed_precision != "bf16":
+        p.append("OPTIMIZER=adamw_bf16 needs MIXED_PRECISION=bf16; use adamw with MIXED_PRECISION=no")
+    rc = s.checkpoints.resume_from_checkpoint
+    if rc not in ("latest", "none") and not re.fullmatch(r"checkpoint-\d+", rc) and not Path(rc).is_dir():
+        p.append(f"RESUME_FROM_CHECKPOINT={rc!r}: expected latest, none, checkpoint-N or an existing folder")
+    p += lycoris_problems(s.adapter.lycoris_config)
+    for nick in s.validation.user_prompt_library:
+        if not re.fullmatch(r"[\w.<>-]+", nick) or not isinstance(s.validation.user_prompt_library[nick], str):
+            p.append(f"USER_PROMPT_LIBRARY: entry {nick!r} needs a filename-safe nickname and a string prompt")
+    return p
+
+
+def lycoris_problems(cfg: dict) -> list[str]:
+    p = []
+    algo = cfg.get("algo")
+    if algo not in LYCORIS_ALGOS:
+        p.append(f"LYCORIS_CONFIG: algo={algo!r}; expected one of: {', '.join(LYCORIS_ALGOS)}")
+    for key in ("multiplier", "linear_alpha"):
+        if key in cfg and not isinstance(cfg[key], (int, float)):
+            p.append(f"LYCORIS_CONFIG: {key}={cfg[key]!r}; expected a number")
+    for key in ("linear_dim", "factor", "conv_dim"):
+        if key in cfg and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] == 0):
+            p.append(f"LYCORIS_CONFIG: {key}={cfg[key]!r}; expected a non-zero integer (-1 = full)")
+    preset = cfg.get("apply_preset", {})
+    if not isinstance(preset, dict):
+        p.append("LYCORIS_CONFIG: apply_preset must be an object")
+    elif "target_module" in preset and not isinstance(preset["target_module"], list):
+        p.append("LYCORIS_CONFIG: apply_preset.target_module must be a list of module class names")
+    return p
+
+
+def grid_problems(resolutions: dict[str, list[tuple[int, int]]], *, patch_size: int, pos_embed_max_size: int,
+                  vae_scale_factor: int) -> list[str]:
+    """Sizes the AuraFlow patch grid cannot take, from the model's own transformer/VAE configs.
+
+    A latent must split into whole patches, and the patch grid must fit inside the square
+    positional-embedding table of pos_embed_max_size entries."""
+    step = vae_scale_factor * patch_size
+    max_side = int(math.isqrt(pos_embed_max_size)) * step
+    p = []
+    for var, sizes in resolutions.items():
+        for w, h in sizes:
+            if w < step or h < step or max(w, h) > max_side:
+                p.append(f"{var}={w}x{h}: this model takes sides from {step} to {max_side} pixels "
+                         f"(patch grid {step} px, positional embedding {int(math.isqrt(pos_embed_max_size))}"
+                         " patches a side)")
+    return p

@@ -1,0 +1,96 @@
+"""Logging set-up with secret redaction, progress lines for pod logs, and the metrics sink."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("job")
+
+# Hugging Face user tokens: redacted even when nobody registered them (a pasted token in a prompt).
+_TOKEN_SHAPED = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+_secrets: set[str] = set()
+MASK = "***"
+
+
+def register_secret(value: str | None) -> None:
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    for s in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(s, MASK)
+    return _TOKEN_SHAPED.sub(MASK, text)
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def setup(verbose: bool = False) -> None:
+    """One handler on stderr for the job's own logger; libraries stay at WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """One concise line every `interval` seconds (and at the first and last step): no '\\r' spam in pod logs."""
+
+    def __init__(self, total: int, start_step: int = 0, interval: float = 10.0):
+        self.total, self.start_step, self.interval = total, start_step, interval
+        self.t0 = time.monotonic()
+        self.last_print = -math.inf
+
+    def rate(self, step: int) -> float:
+        done = step - self.start_step
+        elapsed = time.monotonic() - self.t0
+        return done / elapsed if elapsed > 0 and done > 0 else 0.0
+
+    def eta(self, step: int) -> float:
+        r = self.rate(step)
+        return (self.total - step) / r if r > 0 else math.inf
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        now = time.monotonic()
+        if step in (self.start_step + 1, self.total) or now - self.last_print >= self.interval:
+            self.last_print = now
+            log.info("step %d/%d loss %.4f lr %.3g %.2f it/s eta %s", step, self.total, loss, lr,
+                     self.rate(step), fmt_duration(self.eta(step)))
+
+
+class MetricsSink:
+    """metrics.jsonl, one object per logged step; appends so a resumed run continues the file."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        if path.exists():  # drop lines past the resume point: they belong to steps that will be redone
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        self._f = path.open("a", encoding="utf-8")
+
+    def write(self, **row) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

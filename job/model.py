@@ -1,0 +1,195 @@
+"""Load the AuraFlow components, set precision and quantisation, wrap the transformer with LyCORIS.
+
+Knows nothing of datasets: it turns a model folder and settings into modules ready to train.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from job.config import Settings, grid_problems
+from job.errors import ConfigError
+
+log = logging.getLogger("job")
+
+MAX_SEQUENCE_LENGTH = 256  # what AuraFlowPipeline.encode_prompt uses by default, so inference matches training
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the model's own small config files say about the sizes it accepts."""
+
+    patch_size: int
+    pos_embed_max_size: int
+    vae_scale_factor: int
+    latent_channels: int
+
+    @property
+    def pixel_step(self) -> int:  # image sides must be multiples of this
+        return self.patch_size * self.vae_scale_factor
+
+
+def read_geometry(model_dir: Path) -> Geometry:
+    t = json.loads((model_dir / "transformer" / "config.json").read_text())
+    v = json.loads((model_dir / "vae" / "config.json").read_text())
+    return Geometry(t["patch_size"], t["pos_embed_max_size"], 2 ** (len(v["block_out_channels"]) - 1),
+                    v["latent_channels"])
+
+
+def geometry_problems(settings: Settings, geo: Geometry) -> list[str]:
+    r = settings.data.resolution  # square bucket for both types; data.py clamps other aspects to the grid
+    return grid_problems({"RESOLUTION": [(r, r)], "VALIDATION_RESOLUTION": list(settings.validation.validation_resolution)},
+                         patch_size=geo.patch_size, pos_embed_max_size=geo.pos_embed_max_size,
+                         vae_scale_factor=geo.vae_scale_factor)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_problems(settings: Settings, device: torch.device) -> list[str]:
+    """Settings that need hardware this machine lacks: refused before anything loads."""
+    p = []
+    if device.type != "cuda":
+        if settings.training.optimizer.endswith("-paged"):
+            p.append(f"OPTIMIZER={settings.training.optimizer}: paged optimizers need a CUDA GPU; "
+                     "use the non-paged form on this machine")
+        if settings.training.base_model_precision == "nf4-bnb":
+            p.append("BASE_MODEL_PRECISION=nf4-bnb needs a CUDA GPU; use int8-quanto or int4-quanto here")
+    return p
+
+
+def train_dtype(settings: Settings) -> torch.dtype:
+    return torch.bfloat16 if settings.training.mixed_precision == "bf16" else torch.float32
+
+
+def load_text_encoder(model_dir: Path, device: torch.device):
+    """The pipeline's own encode_prompt (tokenizer length, padding, masking) with only what it needs loaded."""
+    from diffusers import AuraFlowPipeline
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = AuraFlowPipeline.from_pretrained(model_dir, transformer=None, vae=None, torch_dtype=dtype)
+    pipe.text_encoder.to(device).eval().requires_grad_(False)
+    return pipe
+
+
+@torch.no_grad()
+def encode_prompts(text_pipe, prompts: list[str], device: torch.device) -> torch.Tensor:
+    embeds, _, _, _ = text_pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                              max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return embeds
+
+
+def load_vae(model_dir: Path, device: torch.device):
+    """fp32, or bf16 on CUDA; never fp16: the SDXL-family VAE overflows in fp16."""
+    from diffusers import AutoencoderKL
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).to(device).eval().requires_grad_(False)
+
+
+def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
+    """The frozen base transformer at its training precision, quantised if asked, on `device`."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    t = settings.training
+    dtype = train_dtype(settings)
+    kwargs = {}
+    if t.base_model_precision == "nf4-bnb":
+        from diffusers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=dtype)
+    transformer = AuraFlowTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype,
+                                                             **kwargs)
+    transformer.requires_grad_(False)
+    if t.base_model_precision in ("int8-quanto", "int4-quanto"):
+        if t.quantize_via == "accelerator":
+            transformer.to(device)
+        quantize_quanto(transformer, t.base_model_precision)
+    if t.base_model_precision != "nf4-bnb":
+        transformer.to(device)
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    return transformer
+
+
+def quantize_quanto(transformer: torch.nn.Module, precision: str) -> None:
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    # Embeddings, norms and the output projection are small and sensitive; quantise the block Linears.
+    quantize(transformer, weights=qint8 if precision == "int8-quanto" else qint4,
+             exclude=["pos_embed*", "time_step*", "context_embedder", "norm_out*", "proj_out"])
+    freeze(transformer)
+    # quanto's freeze() creates new weight Parameters with requires_grad=True: freeze the base again.
+    transformer.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _lycoris_preset(preset: dict):
+    """LycorisNetwork.apply_preset writes class attributes; scope them to one network creation."""
+    from lycoris import LycorisNetwork
+
+    names = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
+             "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+    saved = {n: getattr(LycorisNetwork, n) for n in names}
+    try:
+        if preset:
+            LycorisNetwork.apply_preset(preset)
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(LycorisNetwork, n, v)
+
+
+def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: torch.dtype):
+    """A LyCORIS network over the transformer, applied and trainable; errors name what it could target."""
+    from lycoris import create_lycoris
+
+    cfg = dict(lycoris_config)
+    preset = cfg.pop("apply_preset", {})
+    multiplier = float(cfg.pop("multiplier", 1.0))
+    linear_dim = cfg.pop("linear_dim", 4)
+    linear_alpha = cfg.pop("linear_alpha", 1)
+    with _lycoris_preset(preset):
+        try:
+            network = create_lycoris(transformer, multiplier, linear_dim, linear_alpha, **cfg)
+        except KeyError as e:  # lycoris' own complaint about an unknown preset key
+            raise ConfigError([f"LYCORIS_CONFIG: {e.args[0]}"]) from None
+    if not network.loras:
+        raise ConfigError([f"LYCORIS_CONFIG: apply_preset targets no module of this model; module classes "
+                           f"that hold Linear layers: {', '.join(targetable_classes(transformer))}"])
+    network.apply_to()
+    network.to(device=next(transformer.parameters()).device, dtype=dtype)
+    network.requires_grad_(True)
+    return network
+
+
+def targetable_classes(model: torch.nn.Module) -> list[str]:
+    names = {type(m).__name__ for m in model.modules()
+             if any(isinstance(c, torch.nn.Linear) for c in m.children())}
+    return sorted(names)
+
+
+def adapter_metadata(lycoris_config: dict) -> dict[str, str]:
+    return {"lycoris_config": json.dumps(lycoris_config)}
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] → the scaled latents the transformer trains on (the pipeline divides by the same factor)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return (dist.mean * vae.config.scaling_factor).float().cpu()
+
+
+def save_adapter(network, path: Path, lycoris_config: dict) -> None:
+    """Write via a temporary name so a crash never leaves a torn adapter under the final name."""
+    tmp = path.with_name(path.name + ".tmp")
+    network.save_weights(str(tmp), None, adapter_metadata(lycoris_config))
+    tmp.replace(path)

@@ -1,0 +1,137 @@
+"""The run as a short story: preflight → pull → data → model → train → outputs.
+
+Each phase is one call into the module that owns it; this file decides only the order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from job import builtin, checkpoint, data, hub, model, outputs
+from job.cache import TensorCache, component_identity
+from job.config import Settings
+from job.errors import ConfigError
+from job.log import MetricsSink
+from job.signals import StopFlag
+from job.train import Trainer
+
+log = logging.getLogger("job")
+
+# LoKr over every Linear of the transformer: the seed's Attention-only preset barely moves a tiny model.
+DEMO_LYCORIS = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 4,
+                "apply_preset": {"target_module": ["AuraFlowTransformer2DModel"]}}
+
+
+def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(defaults the user may override, settings the demo forces) for `demo`."""
+    size = str(builtin.TINY_RESOLUTION)
+    defaults = {
+        "output_dir": "./output/demo", "resolution": size, "resolution_type": "pixel", "crop": "true",
+        "max_train_steps": "300", "train_batch_size": "4", "learning_rate": "3e-3", "optimizer": "adamw",
+        "mixed_precision": "no", "gradient_checkpointing": "false", "lycoris_config": json.dumps(DEMO_LYCORIS),
+        "checkpoint_step_interval": "100", "flow_schedule_shift": "1.0",
+        "validation_resolution": f"{size}x{size}", "validation_num_inference_steps": "8",
+        "validation_step_interval": "0",
+    }
+    forced = {
+        "model_id": str(builtin.tiny_model_dir(root)), "dataset_id": str(builtin.toy_dataset_dir(root)),
+        "caption_strategy": "textfile", "data_backend_config": "", "push_to_hub": "false",
+        "push_checkpoints_to_hub": "false",
+    }
+    return defaults, forced
+
+
+def run(command: str, settings: Settings) -> None:
+    device = model.pick_device()
+    geo = preflight(settings, device)
+    if command == "check":
+        return
+    if command == "demo":
+        log.info("demo: tiny built-in AuraFlow, toy shapes, LoKr over all Linear layers (not the seed's "
+                 "Attention-only preset, which cannot move a model this small)")
+    train(settings, device, geo)
+
+
+def preflight(s: Settings, device: torch.device) -> model.Geometry:
+    """Everything that can be refused before weights move: device needs, the model's patch grid."""
+    problems = model.device_problems(s, device)
+    geo = model.read_geometry(hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token))
+    problems += model.geometry_problems(s, geo)
+    if problems:
+        raise ConfigError(problems)
+    t = s.training
+    log.info("plan: %s → LoKr (%s), %d steps × batch %d × accumulation %d on %s, %s, base %s; output %s%s",
+             s.model_id, s.adapter.lycoris_config.get("algo"), t.max_train_steps, t.train_batch_size,
+             t.gradient_accumulation_steps, device.type, t.mixed_precision, t.base_model_precision,
+             s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
+    return geo
+
+
+def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
+    out = Path(s.output.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stop = StopFlag().install()
+    model_dir = hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token)
+    data_dir = hub.pull_dataset(s.data.dataset_id, s.data.dataset_revision, s.access.hf_token)
+
+    # data: discover, plan, cache latents and text embeddings, then free the encoders
+    d = s.data
+    g = data.Geometry(d.resolution, d.resolution_type, d.crop, d.crop_style, d.crop_aspect, geo.pixel_step,
+                      int(geo.pos_embed_max_size ** 0.5) * geo.pixel_step)
+    samples = data.discover(data_dir, d.caption_strategy, d.instance_prompt, g)
+    plan = data.make_plan(samples, s.training.train_batch_size, d.repeats, s.training.seed, str(data_dir))
+    t0 = time.monotonic()
+    vae = model.load_vae(model_dir, device)
+    latent_cache = TensorCache(out / "cache" / "vae", component_identity(model_dir, "vae"))
+    latent_keys = data.cache_latents(samples, g, latent_cache, lambda px: model.encode_latents(vae, px),
+                                     d.vae_batch_size)
+    del vae
+    text_pipe = model.load_text_encoder(model_dir, device)
+    text_cache = TensorCache(out / "cache" / "text", component_identity(model_dir, "text_encoder")
+                             + f"-{model.MAX_SEQUENCE_LENGTH}")
+    captions = [c for smp in samples for c in smp.captions] + [""]
+    text_keys = data.cache_text(captions, text_cache, lambda cs: model.encode_prompts(text_pipe, cs, device).cpu())
+    del text_pipe
+    log.info("caching done in %.1fs", time.monotonic() - t0)
+    fetch = data.batch_fetcher(plan, latent_cache, latent_keys, text_cache, text_keys, d.caption_dropout_probability)
+
+    # model: frozen base + LoKr (seeded, so a fresh run's adapter init is reproducible)
+    t = s.training
+    total = t.max_train_steps or t.num_train_epochs * max(1, plan.batches_per_epoch // t.gradient_accumulation_steps)
+    transformer = model.load_transformer(model_dir, s, device)
+    torch.manual_seed(t.seed)
+    network = model.create_adapter(transformer, s.adapter.lycoris_config, model.train_dtype(s))
+    log.info("adapter: %d LyCORIS modules, %d trainable parameters", len(network.loras),
+             sum(p.numel() for p in network.parameters() if p.requires_grad))
+
+    ckpt_dir = out / "checkpoints"
+    trainer = Trainer(transformer, network, fetch, t, total, geo.patch_size, device, model.train_dtype(s), ckpt_dir,
+                      s.checkpoints.checkpoint_step_interval, s.checkpoints.checkpoints_total_limit,
+                      MetricsSink(out / "metrics.jsonl"), should_stop=stop)
+    resume = resume_point(s, ckpt_dir)
+    if resume:
+        trainer.resume(resume)
+    trainer.metrics = MetricsSink(out / "metrics.jsonl", resume_step=trainer.step)
+    trainer.run()
+    trainer.metrics.close()
+
+    with trainer.final_weights():
+        model.save_adapter(network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
+    outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), "resolved_total_steps": total})
+    log.info("done: %s", out / outputs.ADAPTER_FILE)
+
+
+def resume_point(s: Settings, ckpt_dir: Path) -> Path | None:
+    rc = s.checkpoints.resume_from_checkpoint
+    if rc == "none":
+        return None
+    if rc == "latest":
+        return checkpoint.latest(ckpt_dir)
+    path = ckpt_dir / rc if (ckpt_dir / rc).is_dir() else Path(rc)
+    if not path.is_dir():
+        raise ConfigError([f"RESUME_FROM_CHECKPOINT={rc!r}: no such checkpoint"])
+    return path

@@ -1,0 +1,207 @@
+"""The training loop, its optimizer and schedule, and the flow-matching loss step.
+
+Reads neither the environment nor the Hub. Every random draw of a micro-batch (caption dropout,
+sigmas, noise) comes from a generator seeded by (SEED, micro-batch index), so a resumed run
+replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from job import checkpoint, flow
+from job.config import TrainingSettings
+from job.errors import DivergedError, Interrupted
+from job.log import MetricsSink, Progress
+
+log = logging.getLogger("job")
+
+
+# ---------------------------------------------------------------- set-up
+
+def make_optimizer(params: list[torch.nn.Parameter], t: TrainingSettings) -> torch.optim.Optimizer:
+    name, lr = t.optimizer, t.learning_rate
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    if name in ("adamw_bf16", "optimi-adamw", "optimi-lion"):
+        import optimi  # Kahan summation keeps bf16 adapter weights from losing small updates
+
+        kahan = True if name == "adamw_bf16" else None  # None: optimi turns it on for low-precision params
+        if name == "optimi-lion":
+            return optimi.Lion(params, lr=lr, weight_decay=0.0, kahan_sum=kahan)
+        return optimi.AdamW(params, lr=lr, weight_decay=1e-2, kahan_sum=kahan)
+    import bitsandbytes as bnb  # only the bnb-* optimizers pay for this import
+
+    cls = {"bnb-adamw8bit": bnb.optim.AdamW8bit, "bnb-lion8bit": bnb.optim.Lion8bit,
+           "bnb-adamw8bit-paged": bnb.optim.PagedAdamW8bit, "bnb-lion8bit-paged": bnb.optim.PagedLion8bit}[name]
+    return cls(params, lr=lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainingSettings, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    name = t.lr_scheduler
+    if name == "constant" and t.lr_warmup_steps:  # diffusers' "constant" ignores warm-up; the seed expects it
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps)
+
+
+class EMA:
+    """Exponential moving average of the adapter weights, kept in fp32."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The EMA weights in place of the live ones (for saving and validation), then back."""
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, p in zip(live, self.params):
+                    p.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = [s.clone() for s in state["shadow"]]
+
+
+def micro_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+# ---------------------------------------------------------------- the loss step
+
+def flow_loss(transformer, x0: torch.Tensor, embeds: torch.Tensor, g: torch.Generator, t: TrainingSettings,
+              patch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    s = flow.sample_sigmas(x0.shape[0], g, uniform=t.flow_use_uniform_schedule)
+    seq_len = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
+    s = flow.shift_sigmas(s, flow.auto_shift(seq_len) if t.flow_schedule_auto_shift else t.flow_schedule_shift)
+    noise = torch.randn(x0.shape, generator=g)
+    pred = transformer(hidden_states=flow.noised(x0, noise, s).to(device, dtype),
+                       encoder_hidden_states=embeds.to(device, dtype),
+                       timestep=flow.model_timestep(s).to(device, dtype), return_dict=False)[0]
+    return F.mse_loss(pred.float(), flow.velocity_target(x0, noise).to(device).float())
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class Trainer:
+    transformer: torch.nn.Module
+    network: torch.nn.Module  # the LyCORIS wrapper; its parameters are the only trainable ones
+    fetch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # micro index → latents, embeds
+    t: TrainingSettings
+    total_steps: int
+    patch_size: int
+    device: torch.device
+    dtype: torch.dtype
+    checkpoint_dir: Path
+    checkpoint_interval: int
+    checkpoints_total_limit: int
+    metrics: MetricsSink
+    should_stop: Callable[[], int | None] = lambda: None  # the signal number once a stop is requested
+    on_checkpoint: Callable[[Path], None] = lambda path: None
+    step: int = 0
+    params: list = field(init=False)
+
+    def __post_init__(self):
+        self.params = [p for p in self.network.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, self.t)
+        self.scheduler = make_scheduler(self.optimizer, self.t, self.total_steps)
+        self.ema = EMA(self.params, self.t.ema_decay) if self.t.use_ema else None
+
+    def run(self) -> None:
+        t, accum = self.t, self.t.gradient_accumulation_steps
+        progress, t0 = Progress(self.total_steps, self.step), time.monotonic()
+        while self.step < self.total_steps:
+            losses = []
+            for micro in range(accum):
+                index = self.step * accum + micro
+                g = micro_generator(t.seed, index)
+                latents, embeds = self.fetch(index, g)
+                loss = flow_loss(self.transformer, latents, embeds, g, t, self.patch_size, self.device, self.dtype)
+                (loss / accum).backward()
+                losses.append(loss.item())
+            grad_norm = self.clip()
+            loss = sum(losses) / accum
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise DivergedError(f"training diverged at step {self.step + 1} (loss {loss}, grad norm {grad_norm});"
+                                    f" the last good checkpoint is kept in {self.checkpoint_dir}")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema:
+                self.ema.update()
+            self.step += 1
+            lr = self.scheduler.get_last_lr()[0]
+            self.metrics.write(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
+                               elapsed_s=round(time.monotonic() - t0, 3))
+            progress.update(self.step, loss, lr)
+            if self.checkpoint_interval and self.step % self.checkpoint_interval == 0:
+                self.save_checkpoint()
+            signum = self.should_stop()
+            if signum:
+                path = self.save_checkpoint()
+                raise Interrupted(signum, f"stopped by signal {signum} at step {self.step}; checkpoint {path}; "
+                                          "the same command resumes")
+
+    def clip(self) -> float:
+        t = self.t
+        if t.max_grad_norm and t.grad_clip_method == "norm":
+            return float(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm))
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_value_(self.params, t.max_grad_norm)
+        return norm
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": checkpoint.rng_state()}
+        if self.ema:
+            state["ema"] = self.ema.state_dict()
+        meta = {"micro_batches_done": self.step * self.t.gradient_accumulation_steps,
+                "total_steps": self.total_steps}
+        path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta)
+        removed = checkpoint.rotate(self.checkpoint_dir, self.checkpoints_total_limit)
+        log.info("checkpoint %s written%s", path.name, f" ({len(removed)} old removed)" if removed else "")
+        self.on_checkpoint(path)
+        return path
+
+    def resume(self, path: Path) -> None:
+        adapter, state, meta = checkpoint.load(path)
+        self.network.load_state_dict(adapter)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        checkpoint.restore_rng(state["rng"])
+        self.step = meta["step"]
+        log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
+
+    def final_weights(self):
+        """Context: the weights to publish (EMA when on)."""
+        return self.ema.swapped_in() if self.ema else contextlib.nullcontext()
