@@ -55,6 +55,22 @@ def _raw_values(given: dict[str, str | None]) -> dict[str, str | None]:
     return given
 
 
+# Standard variables that libraries read themselves: an empty one (an empty template field) must be absent,
+# or huggingface_hub takes "" as its endpoint or cache folder.
+_LIBRARY_VARS = {"hf_token": "HF_TOKEN", "hf_home": "HF_HOME", "hf_endpoint": "HF_ENDPOINT",
+                 "wandb_api_key": "WANDB_API_KEY", "wandb_mode": "WANDB_MODE"}
+
+
+def _export_library_vars(raw: dict[str, str | None]) -> None:
+    """Before huggingface_hub is imported: options given on the command line reach the libraries too."""
+    for name, var in _LIBRARY_VARS.items():
+        value = raw.get(name)
+        if value:
+            os.environ[var] = value
+        elif os.environ.get(var) == "":
+            del os.environ[var]
+
+
 def _builtin_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auraflow-lokr-job"
 
@@ -65,6 +81,7 @@ def _run(command: str, given: dict[str, str | None]) -> None:
     config_file = raw.pop("config_file", None)
     for name in ("hf_token", "wandb_api_key"):
         log.register_secret(raw.get(name) or "")
+    _export_library_vars(raw)
     from job import pipeline  # heavy imports (torch) only after the command line parsed
 
     try:

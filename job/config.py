@@ -478,6 +478,7 @@ def cross_check(s: Settings) -> list[str]:
     if d.data_backend_config:
         p.append("DATA_BACKEND_CONFIG: multi-dataset configs are not supported by this version of the job yet; "
                  "use DATASET_ID")
+    p += not_yet_supported(s)
     if d.caption_strategy == "instanceprompt" and not d.instance_prompt:
         p.append("CAPTION_STRATEGY=instanceprompt needs INSTANCE_PROMPT")
     if t.optimizer == "adamw_bf16" and t.mixed_precision != "bf16":
@@ -489,6 +490,26 @@ def cross_check(s: Settings) -> list[str]:
     for nick in s.validation.user_prompt_library:
         if not re.fullmatch(r"[\w.<>-]+", nick) or not isinstance(s.validation.user_prompt_library[nick], str):
             p.append(f"USER_PROMPT_LIBRARY: entry {nick!r} needs a filename-safe nickname and a string prompt")
+    return p
+
+
+def not_yet_supported(s: Settings) -> list[str]:
+    """Settings whose effect lives outside this run (the Hub, trackers, the pod, other GPUs) that this version
+    cannot deliver yet: refused, so a user never walks away from a job that silently skips them."""
+    later = " is not supported by this version of the job yet"
+    p = []
+    if s.output.push_to_hub:
+        p.append(f"PUSH_TO_HUB=true: pushing to the Hub{later}; set PUSH_TO_HUB=false and upload OUTPUT_DIR yourself")
+    if s.output.report_to != "none":
+        p.append(f"REPORT_TO={s.output.report_to}: trackers{later}; use REPORT_TO=none (metrics.jsonl is written)")
+    if s.output.webhook_url:
+        p.append(f"WEBHOOK_URL: webhooks{later}; leave it empty")
+    if s.scale.num_processes > 1:
+        p.append(f"NUM_PROCESSES={s.scale.num_processes}: multi-process training{later}; use 1 or auto")
+    for var, action in (("POD_ACTION_ON_SUCCESS", s.cloud.pod_action_on_success),
+                        ("POD_ACTION_ON_FAILURE", s.cloud.pod_action_on_failure)):
+        if action != "none":
+            p.append(f"{var}={action}: pod actions{later}; use none")
     return p
 
 

@@ -42,6 +42,19 @@ def setup(verbose: bool = False) -> None:
     root.setLevel(logging.WARNING)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Library chatter (per-module LyCORIS lines, loading bars) would bury the job's own progress lines."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels-community" notice at import on CPU
+    for name in ("diffusers", "transformers"):
+        try:
+            lib = __import__(name)
+            lib.utils.logging.disable_progress_bar()
+            lib.utils.logging.set_verbosity_error()
+        except (ImportError, AttributeError):
+            pass
 
 
 def fmt_duration(seconds: float) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def load_text_encoder(model_dir: Path, device: torch.device):
     from diffusers import AuraFlowPipeline
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pipe = AuraFlowPipeline.from_pretrained(model_dir, transformer=None, vae=None, torch_dtype=dtype)
+    pipe = AuraFlowPipeline.from_pretrained(model_dir, transformer=None, vae=None, dtype=dtype)
     pipe.text_encoder.to(device).eval().requires_grad_(False)
     return pipe
 
@@ -90,7 +91,7 @@ def load_vae(model_dir: Path, device: torch.device):
     from diffusers import AutoencoderKL
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=dtype).to(device).eval().requires_grad_(False)
 
 
 def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
@@ -105,7 +106,7 @@ def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=dtype)
-    transformer = AuraFlowTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype,
+    transformer = AuraFlowTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", dtype=dtype,
                                                              **kwargs)
     transformer.requires_grad_(False)
     if t.base_model_precision in ("int8-quanto", "int4-quanto"):
@@ -148,10 +149,37 @@ def _lycoris_preset(preset: dict):
             setattr(LycorisNetwork, n, v)
 
 
+def adapter_problems(model_dir: Path, lycoris_config: dict) -> list[str]:
+    """Build the LyCORIS network over a weightless (meta) transformer: a bad preset fails in a second,
+    before any weights move."""
+    from accelerate import init_empty_weights
+    from diffusers import AuraFlowTransformer2DModel
+
+    with init_empty_weights():
+        shell = AuraFlowTransformer2DModel.from_config(AuraFlowTransformer2DModel.load_config(model_dir / "transformer"))
+        try:
+            _lycoris_network(shell, lycoris_config)
+        except ConfigError as e:
+            return e.problems
+        except (TypeError, ValueError) as e:
+            return [f"LYCORIS_CONFIG: lycoris rejected it: {e}"]
+    return []
+
+
 def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: torch.dtype):
-    """A LyCORIS network over the transformer, applied and trainable; errors name what it could target."""
+    """A LyCORIS network over the transformer, applied and trainable."""
+    network = _lycoris_network(transformer, lycoris_config)
+    network.apply_to()
+    network.to(device=next(transformer.parameters()).device, dtype=dtype)
+    network.requires_grad_(True)
+    return network
+
+
+def _lycoris_network(transformer: torch.nn.Module, lycoris_config: dict):
+    """create_lycoris with the config's preset scoped to this call; errors name what it could target."""
     from lycoris import create_lycoris
 
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # set on import; its per-module lines bury ours
     cfg = dict(lycoris_config)
     preset = cfg.pop("apply_preset", {})
     multiplier = float(cfg.pop("multiplier", 1.0))
@@ -165,15 +193,13 @@ def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: to
     if not network.loras:
         raise ConfigError([f"LYCORIS_CONFIG: apply_preset targets no module of this model; module classes "
                            f"that hold Linear layers: {', '.join(targetable_classes(transformer))}"])
-    network.apply_to()
-    network.to(device=next(transformer.parameters()).device, dtype=dtype)
-    network.requires_grad_(True)
     return network
 
 
 def targetable_classes(model: torch.nn.Module) -> list[str]:
     names = {type(m).__name__ for m in model.modules()
-             if any(isinstance(c, torch.nn.Linear) for c in m.children())}
+             if any(isinstance(c, torch.nn.Linear) for c in m.children())
+             and not isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))}
     return sorted(names)
 
 
@@ -190,6 +216,6 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 def save_adapter(network, path: Path, lycoris_config: dict) -> None:
     """Write via a temporary name so a crash never leaves a torn adapter under the final name."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix: lycoris picks the format by it
     network.save_weights(str(tmp), None, adapter_metadata(lycoris_config))
     tmp.replace(path)

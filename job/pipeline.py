@@ -50,17 +50,26 @@ def run(command: str, settings: Settings) -> None:
     geo = preflight(settings, device)
     if command == "check":
         return
+    if validation_asked(settings):
+        log.warning("VALIDATION_PROMPT / USER_PROMPT_LIBRARY: validation images are not rendered by this version "
+                    "of the job yet; the adapter and metrics are")
     if command == "demo":
         log.info("demo: tiny built-in AuraFlow, toy shapes, LoKr over all Linear layers (not the seed's "
                  "Attention-only preset, which cannot move a model this small)")
     train(settings, device, geo)
 
 
+def validation_asked(s: Settings) -> bool:
+    return bool(s.validation.validation_prompt or s.validation.user_prompt_library)
+
+
 def preflight(s: Settings, device: torch.device) -> model.Geometry:
     """Everything that can be refused before weights move: device needs, the model's patch grid."""
     problems = model.device_problems(s, device)
-    geo = model.read_geometry(hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token))
+    config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token)
+    geo = model.read_geometry(config_dir)
     problems += model.geometry_problems(s, geo)
+    problems += model.adapter_problems(config_dir, s.adapter.lycoris_config)
     if problems:
         raise ConfigError(problems)
     t = s.training

@@ -1,0 +1,530 @@
+"""Unit tests of job.config: parsing, layering, the seed document's own examples, secrets, the patch grid.
+
+Pure Python, no torch: the whole file runs in well under a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from job import config
+from job.config import SPEC_BY_NAME, SPECS, build_settings, grid_problems, read_config_file
+from job.errors import ConfigError
+
+CONTRACT = Path("/work/shared/CONTRACT.md")
+
+# The least a run needs beyond the defaults (no dataset, no push target by default).
+MINIMAL = {"dataset_id": "some/dataset", "push_to_hub": "false"}
+
+TOKEN = "hf_" + "QwErTyUiOpAsDfGhJkLzXcVbNmQwErTyUi"  # token-shaped: hf_ + 34 letters
+WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+# ------------------------------------------------------------------ the seed document's examples, verbatim
+
+SEED_CONFIG_JSON = """\
+{
+    "validation_torch_compile": "false",
+    "validation_step_interval": 200,
+    "validation_seed": 42,
+    "validation_resolution": "1024x1024",
+    "validation_prompt": "A photo-realistic image of a cat",
+    "validation_num_inference_steps": "20",
+    "validation_guidance": 2.0,
+    "validation_guidance_rescale": "0.0",
+    "vae_cache_ondemand": true,
+    "vae_batch_size": 1,
+    "train_batch_size": 1,
+    "tracker_run_name": "eval_loss_test1",
+    "seed": 42,
+    "resume_from_checkpoint": "latest",
+    "resolution": 1024,
+    "resolution_type": "pixel_area",
+    "report_to": "tensorboard",
+    "output_dir": "output/models-auraflow",
+    "optimizer": "optimi-lion",
+    "num_train_epochs": 0,
+    "num_eval_images": 1,
+    "model_type": "lora",
+    "model_family": "auraflow",
+    "mixed_precision": "bf16",
+    "minimum_image_size": 0,
+    "max_train_steps": 10000,
+    "max_grad_norm": 0.01,
+    "lycoris_config": "config/lycoris_config.json",
+    "lr_warmup_steps": 100,
+    "lr_scheduler": "constant",
+    "lora_type": "lycoris",
+    "learning_rate": "4e-5",
+    "gradient_checkpointing": "true",
+    "grad_clip_method": "value",
+    "eval_steps_interval": 100,
+    "disable_benchmark": false,
+    "data_backend_config": "config/auraflow/multidatabackend.json",
+    "checkpoints_total_limit": 5,
+    "checkpoint_step_interval": 500,
+    "caption_dropout_probability": 0.0,
+    "base_model_precision": "int8-quanto",
+    "aspect_bucket_rounding": 2
+}
+"""
+
+# Trailing commas included, exactly as the seed shows it.
+SEED_LYCORIS_JSON = """\
+{
+    "algo": "lokr",
+    "multiplier": 1.0,
+    "linear_dim": 10000,
+    "linear_alpha": 1,
+    "factor": 16,
+    "apply_preset": {
+        "target_module": [
+            "Attention",
+        ],
+        "module_algo_map": {
+            "Attention": {
+                "factor": 8
+            },
+        }
+    }
+}
+"""
+
+SEED_MULTIDATABACKEND_JSON = """\
+[
+  {
+    "id": "pseudo-camera-10k-auraflow",
+    "type": "local",
+    "crop": true,
+    "crop_aspect": "square",
+    "crop_style": "center",
+    "resolution": 1024,
+    "minimum_image_size": 1024,
+    "maximum_image_size": 1024,
+    "target_downsample_size": 1024,
+    "resolution_type": "pixel_area",
+    "cache_dir_vae": "cache/vae/auraflow/pseudo-camera-10k",
+    "instance_data_dir": "datasets/pseudo-camera-10k",
+    "disabled": false,
+    "skip_file_discovery": "",
+    "caption_strategy": "filename",
+    "metadata_backend": "discovery",
+    "repeats": 0,
+    "is_regularisation_data": true
+  },
+  {
+    "id": "text-embeds",
+    "type": "local",
+    "dataset_type": "text_embeds",
+    "default": true,
+    "cache_dir": "cache/text/auraflow",
+    "disabled": false,
+    "write_batch_size": 128
+  }
+]
+"""
+
+SEED_USER_PROMPT_LIBRARY_JSON = """\
+{
+    "anime_<token>": "a breathtaking anime-style portrait of <token>, capturing her essence with vibrant colors and expressive features",
+    "chef_<token>": "a high-quality, detailed photograph of <token> as a sous-chef, immersed in the art of culinary creation",
+    "woman": "a beautifully crafted portrait of a woman, highlighting her natural beauty and unique features",
+    "family": "a heartwarming and cohesive family portrait, showcasing the bonds and connections between loved ones"
+}
+"""
+
+SEED_IGNORED_KEYS = {
+    "validation_torch_compile", "validation_guidance_rescale", "vae_cache_ondemand", "num_eval_images",
+    "minimum_image_size", "eval_steps_interval", "disable_benchmark", "aspect_bucket_rounding",
+}
+
+
+def _problems(layers: list[dict]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        build_settings(layers)
+    return info.value.problems
+
+
+def _one_naming(problems: list[str], *needles: str) -> str:
+    hits = [p for p in problems if all(n in p for n in needles)]
+    assert hits, f"no problem naming {needles} in {problems}"
+    return hits[0]
+
+
+def _bool_specs() -> list[config.Spec]:
+    bools = {f.name for cls in config.GROUPS.values() for f in dataclasses.fields(cls) if f.type in ("bool", bool)}
+    return [s for s in SPECS if s.name in bools]
+
+
+def _seed_files(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "lycoris_config.json").write_text(SEED_LYCORIS_JSON, encoding="utf-8")
+    (tmp_path / "multidatabackend.json").write_text(SEED_MULTIDATABACKEND_JSON, encoding="utf-8")
+    text = (SEED_CONFIG_JSON
+            .replace('"config/lycoris_config.json"', json.dumps(str(tmp_path / "lycoris_config.json")))
+            .replace('"config/auraflow/multidatabackend.json"', json.dumps(str(tmp_path / "multidatabackend.json"))))
+    full = tmp_path / "config.json"
+    full.write_text(text, encoding="utf-8")
+    # The same file without the multi-dataset key, which this version of the job refuses.
+    data = json.loads(text)
+    del data["data_backend_config"]
+    no_backend = tmp_path / "config-no-backend.json"
+    no_backend.write_text(json.dumps(data, indent=4), encoding="utf-8")
+    return {"full": full, "no_backend": no_backend}
+
+
+# ------------------------------------------------------------------ declarations
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.env)
+def test_every_setting_parses_its_own_raw_default(spec):
+    spec.parse(spec.default)
+
+
+def test_defaults_with_the_minimal_companions_build():
+    s = build_settings([MINIMAL])
+    assert s.training.learning_rate == pytest.approx(4e-5)
+    assert s.training.optimizer == "optimi-lion"
+    assert s.adapter.lycoris_config == config.SEED_LYCORIS_CONFIG
+    assert s.model_id == config.FLAVOURS["v0.3"] == "terminusresearch/auraflow-v0.3"
+    assert s.output.hub_private is True
+
+
+def test_env_names_are_unique_and_the_upper_cased_name():
+    envs = [s.env for s in SPECS]
+    assert len(envs) == len(set(envs))
+    assert len({s.name for s in SPECS}) == len(SPECS)
+    for s in SPECS:
+        assert s.env == s.name.upper()
+        # CONTRACT: the variable is the option upper-cased with - -> _
+        assert s.option.startswith("--") and s.option[2:].upper().replace("-", "_") == s.env
+    assert config.CONFIG_FILE_ENV == "CONFIG_FILE" and "CONFIG_FILE" not in envs
+
+
+def test_contract_settings_are_all_declared():
+    if not CONTRACT.is_file():
+        pytest.skip("CONTRACT.md not available")
+    text = CONTRACT.read_text(encoding="utf-8")
+    section = text.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", section))
+    assert "LEARNING_RATE" in names and "HF_TOKEN" in names  # the parse found the section
+    declared = {s.env for s in SPECS} | {config.CONFIG_FILE_ENV}
+    assert sorted(names - declared) == []
+
+
+def test_secrets_are_flagged():
+    assert {s.env for s in SPECS if s.secret} == {"HF_TOKEN", "WANDB_API_KEY"}
+
+
+# ------------------------------------------------------------------ booleans
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("true", True), ("TRUE", True), ("True", True), ("1", True), ("yes", True), ("YES", True), ("Yes", True),
+    ("false", False), ("FALSE", False), ("False", False), ("0", False), ("no", False), ("NO", False), ("No", False),
+    (" true ", True), ("nO", False),
+])
+def test_booleans_accept_the_contract_spellings_in_any_case(raw, expected):
+    for spec in _bool_specs():
+        assert spec.parse(raw) is expected, spec.env
+
+
+def test_there_are_boolean_settings():
+    envs = {s.env for s in _bool_specs()}
+    assert {"PUSH_TO_HUB", "HUB_PRIVATE", "USE_EMA", "GRADIENT_CHECKPOINTING", "ENABLE_GROUP_OFFLOAD", "CROP"} <= envs
+
+
+@pytest.mark.parametrize("spec", _bool_specs(), ids=lambda s: s.env)
+def test_boolean_maybe_is_an_error_naming_the_variable(spec):
+    problems = _problems([MINIMAL, {spec.name: "maybe"}])
+    line = _one_naming(problems, spec.env, "maybe")
+    assert "true" in line and "false" in line  # says what is allowed
+
+
+def test_boolean_through_build_settings():
+    s = build_settings([MINIMAL, {"use_ema": "YES", "gradient_checkpointing": "0", "hub_private": "No"}])
+    assert s.training.use_ema is True
+    assert s.training.gradient_checkpointing is False
+    assert s.output.hub_private is False
+
+
+# ------------------------------------------------------------------ all problems at once
+
+
+def test_several_problems_are_collected_in_one_error():
+    with pytest.raises(ConfigError) as info:
+        build_settings([MINIMAL, {"learning_rate": "abc", "max_train_steps": "-5", "optimizer": "sgd"}])
+    problems = info.value.problems
+    assert len(problems) >= 3
+    _one_naming(problems, "LEARNING_RATE", "abc")
+    _one_naming(problems, "MAX_TRAIN_STEPS", "-5")
+    line = _one_naming(problems, "OPTIMIZER", "sgd")
+    assert "optimi-lion" in line  # what is allowed
+    message = str(info.value)
+    for needle in ("LEARNING_RATE", "abc", "MAX_TRAIN_STEPS", "-5", "OPTIMIZER", "sgd"):
+        assert needle in message
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("name,raw", [
+    ("learning_rate", "0"), ("learning_rate", "nan"), ("learning_rate", "inf"), ("learning_rate", "-1e-4"),
+    ("train_batch_size", "0"), ("train_batch_size", "1.5"), ("caption_dropout_probability", "1.5"),
+    ("resolution", "abc"), ("validation_resolution", "1024by1024"), ("validation_resolution", "0x512"),
+    ("num_processes", "0"), ("model_flavour", "v9"), ("report_to", "mlflow"), ("grad_clip_method", "l2"),
+    ("mixed_precision", "fp16"), ("user_prompt_library", "[1, 2]"), ("lycoris_config", "[]"),
+])
+def test_invalid_values_name_variable_and_value(name, raw):
+    env = SPEC_BY_NAME[name].env
+    _one_naming(_problems([MINIMAL, {name: raw}]), env, repr(raw))
+
+
+def test_contradictions_are_errors():
+    problems = _problems([MINIMAL, {"enable_group_offload": "true", "enable_model_cpu_offload": "true"}])
+    _one_naming(problems, "ENABLE_GROUP_OFFLOAD", "ENABLE_MODEL_CPU_OFFLOAD")
+    problems = _problems([{"dataset_id": "x", "push_to_hub": "true", "hf_token": TOKEN}])
+    _one_naming(problems, "PUSH_TO_HUB", "HUB_MODEL_ID")
+    problems = _problems([{"dataset_id": "x", "push_to_hub": "true", "hub_model_id": "me/lokr"}])
+    _one_naming(problems, "PUSH_TO_HUB", "HF_TOKEN")
+    _one_naming(_problems([{"push_to_hub": "false"}]), "DATASET_ID")
+
+
+def test_bad_value_does_not_also_raise_its_contradictions():
+    # PUSH_TO_HUB=maybe falls back to a stand-in; its cross-checks must not add noise about HUB_MODEL_ID.
+    problems = _problems([{"dataset_id": "x", "push_to_hub": "maybe"}])
+    assert len(problems) == 1, problems
+    _one_naming(problems, "PUSH_TO_HUB", "maybe")
+
+
+# ------------------------------------------------------------------ layers
+
+
+def test_later_layers_win():
+    s = build_settings([MINIMAL, {"learning_rate": "1e-3", "seed": "7"}, {"learning_rate": "2e-4"}])
+    assert s.training.learning_rate == pytest.approx(2e-4)
+    assert s.training.seed == 7
+
+
+def test_cli_env_layer_beats_the_config_file_layer(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"learning_rate": "abc", "optimizer": "adamw", "max_train_steps": 50,
+                                "dataset_id": "from/file"}))
+    file_layer, ignored, problems = read_config_file(str(path))
+    assert problems == [] and ignored == []
+    s = build_settings([file_layer, {"learning_rate": "1e-4", "push_to_hub": "false"}])
+    assert s.training.learning_rate == pytest.approx(1e-4)  # the file's bad value was overridden
+    assert s.training.optimizer == "adamw"  # the file still counts where nothing overrides it
+    assert s.training.max_train_steps == 50
+    assert s.data.dataset_id == "from/file"
+
+
+@pytest.mark.parametrize("empty", ["", "   "])
+def test_empty_free_text_does_not_override_a_lower_layer(empty):
+    s = build_settings([{"dataset_id": "from/file", "push_to_hub": "false", "instance_prompt": "sks dog",
+                         "tracker_project_name": "mine"},
+                        {"dataset_id": empty, "instance_prompt": empty, "tracker_project_name": empty}])
+    assert s.data.dataset_id == "from/file"
+    assert s.data.instance_prompt == "sks dog"
+    assert s.output.tracker_project_name == "mine"
+
+
+def test_empty_free_text_falls_back_to_the_default():
+    s = build_settings([MINIMAL, {"tracker_project_name": "", "model_revision": ""}])
+    assert s.output.tracker_project_name == SPEC_BY_NAME["tracker_project_name"].default
+    assert s.model.model_revision == "main"
+
+
+def test_none_means_not_given():
+    s = build_settings([MINIMAL, {"learning_rate": "1e-3"}, {"learning_rate": None}])
+    assert s.training.learning_rate == pytest.approx(1e-3)
+
+
+def test_empty_typed_value_is_an_error_not_a_silent_default():
+    line = _one_naming(_problems([MINIMAL, {"learning_rate": "1e-3"}, {"learning_rate": ""}]), "LEARNING_RATE")
+    assert "empty" in line
+
+
+# ------------------------------------------------------------------ the seed's config.json
+
+
+def test_seed_config_json_is_accepted(tmp_path):
+    paths = _seed_files(tmp_path)
+    raw, ignored, problems = read_config_file(str(paths["no_backend"]))
+    assert problems == []
+    assert set(ignored) == SEED_IGNORED_KEYS  # named, not silently dropped
+    s = build_settings([raw, {"dataset_id": str(tmp_path), "push_to_hub": "false"}])
+    assert s.training.learning_rate == pytest.approx(4e-5)
+    assert s.training.optimizer == "optimi-lion"
+    assert s.training.max_grad_norm == pytest.approx(0.01)
+    assert s.training.base_model_precision == "int8-quanto"
+    assert s.training.max_train_steps == 10000
+    assert s.training.lr_warmup_steps == 100
+    assert s.training.gradient_checkpointing is True
+    assert s.training.mixed_precision == "bf16"
+    assert s.validation.validation_num_inference_steps == 20  # from the string "20"
+    assert s.validation.validation_guidance == pytest.approx(2.0)
+    assert s.validation.validation_resolution == ((1024, 1024),)
+    assert s.validation.validation_prompt == "A photo-realistic image of a cat"
+    assert s.data.resolution == 1024 and s.data.resolution_type == "pixel_area"
+    assert s.data.vae_batch_size == 1
+    assert s.output.report_to == "tensorboard"
+    assert s.output.output_dir == "output/models-auraflow"
+    assert s.output.tracker_run_name == "eval_loss_test1"
+    assert s.checkpoints.checkpoints_total_limit == 5
+    assert s.checkpoints.checkpoint_step_interval == 500
+    assert s.adapter.lycoris_config == config.SEED_LYCORIS_CONFIG
+
+
+def test_seed_config_json_with_its_data_backend_config_is_refused_only_for_that(tmp_path):
+    paths = _seed_files(tmp_path)
+    raw, ignored, problems = read_config_file(str(paths["full"]))
+    assert problems == []
+    assert set(ignored) == SEED_IGNORED_KEYS
+    problems = _problems([raw, {"push_to_hub": "false"}])
+    assert len(problems) == 1, problems
+    _one_naming(problems, "DATA_BACKEND_CONFIG", "not supported by this version")
+
+
+def test_seed_style_dashed_keys_are_read(tmp_path):
+    (tmp_path / "upl.json").write_text(SEED_USER_PROMPT_LIBRARY_JSON, encoding="utf-8")
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "--user_prompt_library": %s,\n  "--learning-rate": 1e-4,\n}\n'
+                    % json.dumps(str(tmp_path / "upl.json")))  # a trailing comma, as in the seed's snippet
+    raw, ignored, problems = read_config_file(str(path))
+    assert problems == [] and ignored == []
+    s = build_settings([raw, MINIMAL])
+    assert s.training.learning_rate == pytest.approx(1e-4)
+    assert set(s.validation.user_prompt_library) == {"anime_<token>", "chef_<token>", "woman", "family"}
+
+
+def test_config_file_problems_name_config_file(tmp_path):
+    raw, ignored, problems = read_config_file(str(tmp_path / "missing.json"))
+    assert raw == {} and len(problems) == 1 and "CONFIG_FILE" in problems[0]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"learning_rate": ')
+    raw, ignored, problems = read_config_file(str(bad))
+    assert len(problems) == 1 and "CONFIG_FILE" in problems[0]
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    assert "CONFIG_FILE" in read_config_file(str(listed))[2][0]
+
+
+def test_config_file_values_go_through_the_same_parser(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"learning_rate": "abc", "use_ema": True, "max_train_steps": -3}))
+    raw, _, problems = read_config_file(str(path))
+    assert problems == [] and raw["use_ema"] == "true"
+    got = _problems([raw, MINIMAL])
+    _one_naming(got, "LEARNING_RATE", "abc")
+    _one_naming(got, "MAX_TRAIN_STEPS", "-3")
+
+
+# ------------------------------------------------------------------ LYCORIS_CONFIG
+
+
+def test_seed_lycoris_config_from_a_file(tmp_path):
+    path = tmp_path / "lycoris_config.json"
+    path.write_text(SEED_LYCORIS_JSON, encoding="utf-8")
+    s = build_settings([MINIMAL, {"lycoris_config": str(path)}])
+    assert s.adapter.lycoris_config == config.SEED_LYCORIS_CONFIG
+
+
+def test_seed_lycoris_config_inline():
+    s = build_settings([MINIMAL, {"lycoris_config": SEED_LYCORIS_JSON}])
+    assert s.adapter.lycoris_config == config.SEED_LYCORIS_CONFIG
+    assert s.adapter.lycoris_config["apply_preset"]["module_algo_map"]["Attention"]["factor"] == 8
+
+
+def test_seed_lycoris_config_is_the_default():
+    assert json.loads(SPEC_BY_NAME["lycoris_config"].default) == config.SEED_LYCORIS_CONFIG
+
+
+@pytest.mark.parametrize("raw", ['{"algo": "lokr", "factor": }', "{bad", '{"algo": "lokr"'])
+def test_malformed_lycoris_json_names_lycoris_config(raw):
+    line = _one_naming(_problems([MINIMAL, {"lycoris_config": raw}]), "LYCORIS_CONFIG")
+    assert "JSON" in line
+
+
+def test_malformed_lycoris_file_names_lycoris_config(tmp_path):
+    path = tmp_path / "lycoris.json"
+    path.write_text('{"algo": "lokr", "factor": 16')
+    line = _one_naming(_problems([MINIMAL, {"lycoris_config": str(path)}]), "LYCORIS_CONFIG")
+    assert "JSON" in line
+    _one_naming(_problems([MINIMAL, {"lycoris_config": str(tmp_path / "nope.json")}]), "LYCORIS_CONFIG",
+                "no such file")
+
+
+def test_lycoris_semantic_problems():
+    _one_naming(_problems([MINIMAL, {"lycoris_config": '{"algo": "bogus"}'}]), "LYCORIS_CONFIG", "algo")
+    _one_naming(_problems([MINIMAL, {"lycoris_config": '{"algo": "lokr", "factor": 0}'}]), "LYCORIS_CONFIG",
+                "factor")
+
+
+# ------------------------------------------------------------------ secrets
+
+
+def test_secret_values_never_appear_in_config_errors():
+    with pytest.raises(ConfigError) as info:
+        build_settings([MINIMAL, {"hf_token": TOKEN, "wandb_api_key": WANDB_KEY, "learning_rate": "abc",
+                                  "optimizer": "sgd", "report_to": "wandb", "push_to_hub": "true"}])
+    message = str(info.value) + "\n".join(info.value.problems) + repr(info.value.args)
+    assert "LEARNING_RATE" in message and "HUB_MODEL_ID" in message
+    assert TOKEN not in message and WANDB_KEY not in message
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a secret pasted into another setting is echoed by that setting's "
+                   "problem line (job/config.py build_settings/_show mask only the secret's own variable)")
+def test_secret_pasted_into_another_setting_is_not_echoed():
+    with pytest.raises(ConfigError) as info:
+        build_settings([MINIMAL, {"hf_token": TOKEN, "learning_rate": TOKEN}])
+    assert TOKEN not in str(info.value)
+
+
+def test_public_dict_has_no_secrets():
+    s = build_settings([MINIMAL, {"hf_token": TOKEN, "wandb_api_key": WANDB_KEY}])
+    assert s.access.hf_token == TOKEN and set(s.secrets()) == {TOKEN, WANDB_KEY}
+    public = s.public_dict()
+    assert "hf_token" not in public and "wandb_api_key" not in public
+    dumped = json.dumps(public)  # must be JSON-serialisable for training_config.json
+    assert TOKEN not in dumped and WANDB_KEY not in dumped
+    assert TOKEN not in repr(s) and WANDB_KEY not in repr(s)
+    assert public["learning_rate"] == pytest.approx(4e-5)
+    assert public["model_id"] == s.model_id
+
+
+# ------------------------------------------------------------------ the AuraFlow patch grid
+
+AURAFLOW = {"patch_size": 2, "pos_embed_max_size": 9216, "vae_scale_factor": 8}  # sides 16..1536
+
+
+@pytest.mark.parametrize("size", [(16, 16), (1024, 1024), (1280, 768), (768, 1280), (1536, 1536), (1536, 16)])
+def test_grid_accepts_sizes_inside_the_table(size):
+    assert grid_problems({"VALIDATION_RESOLUTION": [size]}, **AURAFLOW) == []
+
+
+@pytest.mark.parametrize("size", [(1552, 1552), (2048, 1024), (1024, 2048), (1537, 1024)])
+def test_grid_refuses_sizes_larger_than_the_positional_table(size):
+    problems = grid_problems({"RESOLUTION": [size]}, **AURAFLOW)
+    assert len(problems) == 1
+    assert "RESOLUTION" in problems[0] and f"{size[0]}x{size[1]}" in problems[0] and "1536" in problems[0]
+
+
+@pytest.mark.parametrize("size", [(8, 8), (15, 1024), (1024, 8)])
+def test_grid_refuses_sizes_smaller_than_a_patch(size):
+    problems = grid_problems({"VALIDATION_RESOLUTION": [size]}, **AURAFLOW)
+    assert len(problems) == 1
+    assert "VALIDATION_RESOLUTION" in problems[0] and "16" in problems[0]
+
+
+def test_grid_reports_every_bad_size_by_variable():
+    problems = grid_problems({"RESOLUTION": [(2048, 2048)], "VALIDATION_RESOLUTION": [(1024, 1024), (8, 8),
+                                                                                       (4096, 512)]}, **AURAFLOW)
+    assert len(problems) == 3
+    assert sum("VALIDATION_RESOLUTION" in p for p in problems) == 2
+
+
+def test_grid_uses_the_models_own_numbers():
+    tiny = {"patch_size": 2, "pos_embed_max_size": 256, "vae_scale_factor": 2}  # the built-in model: 4..64
+    assert grid_problems({"RESOLUTION": [(64, 64), (4, 4)]}, **tiny) == []
+    assert len(grid_problems({"RESOLUTION": [(128, 128), (2, 2)]}, **tiny)) == 2
