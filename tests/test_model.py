@@ -1,0 +1,93 @@
+"""Model set-up on the tiny AuraFlow: quantised bases stay frozen, checkpointing keeps gradients,
+every optimizer and schedule the settings allow really builds and steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from job import model, train
+from job.config import OPTIMIZERS, build_settings
+from job.pipeline import DEMO_LYCORIS
+
+
+def settings(**kw):
+    base = {"dataset_id": "x", "push_to_hub": "false", "mixed_precision": "no", "resolution": "64",
+            "validation_resolution": "64"}
+    return build_settings([{**base, **{k: str(v) for k, v in kw.items()}}])
+
+
+def adapter_grads(tiny_model, **kw) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    s = settings(**kw)
+    tr = model.load_transformer(tiny_model, s, torch.device("cpu"))
+    torch.manual_seed(0)
+    net = model.create_adapter(tr, DEMO_LYCORIS, model.train_dtype(s))
+    with torch.no_grad():  # LoKr starts as a zero delta; perturb it so gradients reach every factor
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.dtype))
+    g = torch.Generator().manual_seed(1)
+    x, emb = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 8, 32, generator=g)
+    out = tr(x.to(model.train_dtype(s)), emb.to(model.train_dtype(s)), torch.tensor([0.3, 0.8]), return_dict=False)[0]
+    out.float().square().mean().backward()
+    return tr, {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "int4-quanto"])
+def test_quantised_base_is_frozen_and_adapter_learns(tiny_model, precision):
+    from optimum.quanto import QLinear
+
+    tr, grads = adapter_grads(tiny_model, base_model_precision=precision, gradient_checkpointing="false")
+    assert sum(isinstance(m, QLinear) for m in tr.modules()) >= 10  # the blocks' Linears really are quantised
+    base = [p for n, p in tr.named_parameters() if "lycoris" not in n]
+    assert base and not any(p.requires_grad for p in base)  # quanto's freeze() re-enables grad; we undo it
+    assert all(p.grad is None for p in base)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(g.abs().sum() for g in grads.values()) > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    _, plain = adapter_grads(tiny_model, gradient_checkpointing="false")
+    _, ckpt = adapter_grads(tiny_model, gradient_checkpointing="true")
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=0, atol=1e-7)
+
+
+def test_bf16_mixed_precision_trains_bf16_adapter(tiny_model):
+    _, grads = adapter_grads(tiny_model, mixed_precision="bf16", gradient_checkpointing="false")
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("name", [o for o in OPTIMIZERS if not o.endswith("-paged")])
+def test_every_optimizer_steps(name):
+    dtype = torch.bfloat16 if name == "adamw_bf16" else torch.float32
+    mp = "bf16" if name == "adamw_bf16" else "no"
+    p = torch.nn.Parameter(torch.randn(128, 64).to(dtype))  # > 4096 elements: bnb keeps 8-bit state for it
+    before = p.detach().clone()
+    opt = train.make_optimizer([p], settings(optimizer=name, mixed_precision=mp).training)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert not torch.equal(p.detach(), before)
+
+
+def test_paged_optimizers_and_nf4_need_cuda():
+    s = settings(optimizer="bnb-lion8bit-paged", base_model_precision="nf4-bnb")
+    problems = model.device_problems(s, torch.device("cpu"))
+    assert any("OPTIMIZER=bnb-lion8bit-paged" in p for p in problems)
+    assert any("BASE_MODEL_PRECISION=nf4-bnb" in p for p in problems)
+    assert model.device_problems(s, torch.device("cuda")) == []
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "polynomial"])
+def test_every_schedule_warms_up_and_runs(name):
+    p = torch.nn.Parameter(torch.zeros(1))
+    t = settings(lr_scheduler=name, lr_warmup_steps=4, learning_rate=1.0, optimizer="adamw").training
+    opt = train.make_optimizer([p], t)
+    sched = train.make_scheduler(opt, t, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(1.0)  # "constant" with warm-up warms up too (seed config)
+    if name in ("linear", "cosine", "polynomial"):
+        assert lrs[-1] < 0.5
