@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class Run:
 def run_cli(args: list[str], settings: dict[str, str], timeout: float = 120) -> Run:
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "entrypoint.py", *args], cwd=ROOT, env=clean_env(settings),
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, check=False)
     return Run(tuple(args), p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
 
 
@@ -84,41 +85,42 @@ BAD_CASES: dict[str, tuple[list[str], dict[str, str]]] = {
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory) -> dict[str, Future]:
-    """Start every CLI run of this module on a pool of (at most) two; tests wait on the one they need."""
+def runs(tmp_path_factory) -> Iterator[dict[str, Future]]:
+    """Start every CLI run of this module on a pool of (at most) two; tests wait on the one they need.
+
+    Two at a time, never more, so that each run's elapsed time is its own and not a queue's: the tiny
+    model is built on the pool too, while the bad-input runs (which do not need it) go on beside it."""
     tmp = tmp_path_factory.mktemp("cli")
     data_dir = tmp / "dataset"
     data_dir.mkdir()
     pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
-    request.addfinalizer(lambda: pool.shutdown(wait=True, cancel_futures=True))
     futures: dict[str, Future] = {}
-    for name, (args, extra) in BAD_CASES.items():
-        futures[name] = pool.submit(run_cli, args, {**_bad_base(data_dir), **extra})
-
-    # The tiny built-in model is built here, while the runs above go on. Share the suite's copy if there is one.
     try:
-        model = request.getfixturevalue("tiny_model")
-    except pytest.FixtureLookupError:
-        model = tiny_model_dir(tmp / "builtin")
-    tiny = {"MODEL_ID": str(model), "DATASET_ID": str(data_dir), "PUSH_TO_HUB": "false"}
-    futures["resolution_too_large"] = pool.submit(
-        run_cli, ["check"], {**tiny, "RESOLUTION": "128", "VALIDATION_RESOLUTION": "64x64"})
-    futures["resolution_fits"] = pool.submit(
-        run_cli, ["check"], {**tiny, "RESOLUTION": "64", "VALIDATION_RESOLUTION": "64x64"})
+        build = pool.submit(tiny_model_dir, tmp / "builtin")
+        for name, (args, extra) in BAD_CASES.items():
+            futures[name] = pool.submit(run_cli, args, {**_bad_base(data_dir), **extra})
+        model = build.result(timeout=600)
+        tiny = {"MODEL_ID": str(model), "DATASET_ID": str(data_dir), "PUSH_TO_HUB": "false"}
+        futures["resolution_too_large"] = pool.submit(
+            run_cli, ["check"], {**tiny, "RESOLUTION": "128", "VALIDATION_RESOLUTION": "64x64"})
+        futures["resolution_fits"] = pool.submit(
+            run_cli, ["check"], {**tiny, "RESOLUTION": "64", "VALIDATION_RESOLUTION": "64x64"})
 
-    # A SimpleTuner-style config.json with keys this job does not use, beneath env and CLI values;
-    # the environment's LEARNING_RATE is bad, the command line's is good.
-    config_file = tmp / "config.json"
-    config_file.write_text(json.dumps({
-        "model_family": "auraflow", "model_id": str(model), "resolution": 64, "resolution_type": "pixel",
-        "validation_resolution": "64x64", "validation_torch_compile": "false", "vae_cache_ondemand": True,
-        "learning_rate": "3e-3",
-    }, indent=4), encoding="utf-8")
-    futures["config_file_and_cli_over_env"] = pool.submit(
-        run_cli, ["check", "--learning-rate", "1e-4"],
-        {"CONFIG_FILE": str(config_file), "DATASET_ID": str(data_dir), "PUSH_TO_HUB": "false",
-         "LEARNING_RATE": "abc"})
-    return futures
+        # A SimpleTuner-style config.json with keys this job does not use, beneath env and CLI values;
+        # the environment's LEARNING_RATE is bad, the command line's is good.
+        config_file = tmp / "config.json"
+        config_file.write_text(json.dumps({
+            "model_family": "auraflow", "model_id": str(model), "resolution": 64, "resolution_type": "pixel",
+            "validation_resolution": "64x64", "validation_torch_compile": "false", "vae_cache_ondemand": True,
+            "learning_rate": "3e-3",
+        }, indent=4), encoding="utf-8")
+        futures["config_file_and_cli_over_env"] = pool.submit(
+            run_cli, ["check", "--learning-rate", "1e-4"],
+            {"CONFIG_FILE": str(config_file), "DATASET_ID": str(data_dir), "PUSH_TO_HUB": "false",
+             "LEARNING_RATE": "abc"})
+        yield futures
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def result(runs: dict[str, Future], name: str) -> Run:
