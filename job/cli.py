@@ -82,8 +82,6 @@ def _run(command: str, given: dict[str, str | None]) -> None:
     for name in ("hf_token", "wandb_api_key"):
         log.register_secret(raw.get(name) or "")
     _export_library_vars(raw)
-    from job import pipeline  # heavy imports (torch) only after the command line parsed
-
     try:
         file_layer: dict[str, str] = {}
         if config_file:
@@ -94,10 +92,14 @@ def _run(command: str, given: dict[str, str | None]) -> None:
                 log.log.warning("CONFIG_FILE: %d key(s) not used by this job, ignored: %s", len(ignored),
                                 ", ".join(ignored))
         layers = [file_layer, raw]
-        if command == "demo":
+        if command == "demo":  # builds the tiny model first: its folder is the demo's MODEL_ID
+            from job import pipeline
+
             defaults, forced = pipeline.demo_layers(_builtin_root())
             layers = [defaults, *layers, forced]
-        settings = config.build_settings(layers)
+        settings = config.build_settings(layers)  # bad values fail here, before torch is even imported
+        from job import pipeline
+
         pipeline.run(command, settings)
     except JobError as e:
         log.log.error("%s", e)

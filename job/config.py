@@ -96,13 +96,40 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _strip_trailing_commas(text: str) -> str:
+    """Drop commas that directly precede a closing bracket, outside string literals only."""
+    out, i, in_str = [], 0, False
+    while i < len(text):
+        c = text[i]
+        if in_str:
+            out.append(c)
+            if c == "\\":
+                out.append(text[i + 1:i + 2])
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+            out.append(c)
+        elif c == ",":
+            j = i + 1
+            while j < len(text) and text[j] in " \t\r\n":
+                j += 1
+            if j >= len(text) or text[j] not in "]}":
+                out.append(c)
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def loads_lenient(text: str) -> Any:
     """json.loads that also takes the trailing commas of the seed document's own examples."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as first:
         try:
-            return json.loads(re.sub(r",(\s*[\]}])", r"\1", text))
+            return json.loads(_strip_trailing_commas(text))
         except json.JSONDecodeError:
             raise Invalid(f"not valid JSON ({first.msg} at line {first.lineno} column {first.colno})") from None
 
@@ -445,10 +472,18 @@ def build_settings(layers: list[dict[str, str | None]]) -> Settings:
     groups = {g: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for g, cls in GROUPS.items()}
     settings = Settings(**groups)
     # Report contradictions together with the parse errors, except those that involve a bad value.
-    problems += [c for c in cross_check(settings) if not any(var in c for var in failed)]
+    problems += [c for c in cross_check(settings) if not set(re.findall(r"\b[A-Z][A-Z0-9_]+\b", c)) & set(failed)]
     if problems:
-        raise ConfigError(problems)
+        secrets = [merged[n] for n in ("hf_token", "wandb_api_key") if len(merged.get(n, "")) >= 4]
+        raise ConfigError([_mask(p, secrets) for p in problems])
     return settings
+
+
+def _mask(text: str, secrets: list[str]) -> str:
+    """A token pasted into the wrong setting must not be echoed back by that setting's problem line."""
+    for secret in secrets:
+        text = text.replace(secret, SECRET_MASK)
+    return re.sub(r"\bhf_[A-Za-z0-9]{20,}\b", SECRET_MASK, text)
 
 
 def cross_check(s: Settings) -> list[str]:
@@ -533,18 +568,22 @@ def lycoris_problems(cfg: dict) -> list[str]:
 
 
 def grid_problems(resolutions: dict[str, list[tuple[int, int]]], *, patch_size: int, pos_embed_max_size: int,
-                  vae_scale_factor: int) -> list[str]:
+                  vae_scale_factor: int, exact: tuple[str, ...] = ()) -> list[str]:
     """Sizes the AuraFlow patch grid cannot take, from the model's own transformer/VAE configs.
 
     A latent must split into whole patches, and the patch grid must fit inside the square
-    positional-embedding table of pos_embed_max_size entries."""
+    positional-embedding table of pos_embed_max_size entries. Variables in `exact` are used as given
+    (validation sizes go straight to the pipeline), so they must be multiples of the patch step too;
+    training sizes are rounded into buckets."""
     step = vae_scale_factor * patch_size
-    max_side = int(math.isqrt(pos_embed_max_size)) * step
+    side = int(math.isqrt(pos_embed_max_size))
+    max_side = side * step
     p = []
     for var, sizes in resolutions.items():
         for w, h in sizes:
             if w < step or h < step or max(w, h) > max_side:
                 p.append(f"{var}={w}x{h}: this model takes sides from {step} to {max_side} pixels "
-                         f"(patch grid {step} px, positional embedding {int(math.isqrt(pos_embed_max_size))}"
-                         " patches a side)")
+                         f"(patch grid {step} px, positional embedding {side} patches a side)")
+            elif var in exact and (w % step or h % step):
+                p.append(f"{var}={w}x{h}: sides must be multiples of {step} pixels for this model")
     return p

@@ -42,11 +42,10 @@ def setup(verbose: bool = False) -> None:
     root.setLevel(logging.WARNING)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
-    quiet_libraries()
 
 
 def quiet_libraries() -> None:
-    """Library chatter (per-module LyCORIS lines, loading bars) would bury the job's own progress lines."""
+    """Called once the heavy libraries are needed anyway (importing them costs seconds). Library chatter (per-module LyCORIS lines, loading bars) would bury the job's own progress lines."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels-community" notice at import on CPU
     for name in ("diffusers", "transformers"):
         try:

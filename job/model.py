@@ -46,7 +46,7 @@ def geometry_problems(settings: Settings, geo: Geometry) -> list[str]:
     r = settings.data.resolution  # square bucket for both types; data.py clamps other aspects to the grid
     return grid_problems({"RESOLUTION": [(r, r)], "VALIDATION_RESOLUTION": list(settings.validation.validation_resolution)},
                          patch_size=geo.patch_size, pos_embed_max_size=geo.pos_embed_max_size,
-                         vae_scale_factor=geo.vae_scale_factor)
+                         vae_scale_factor=geo.vae_scale_factor, exact=("VALIDATION_RESOLUTION",))
 
 
 def pick_device() -> torch.device:

@@ -15,7 +15,7 @@ from job import builtin, checkpoint, data, hub, model, outputs
 from job.cache import TensorCache, component_identity
 from job.config import Settings
 from job.errors import ConfigError
-from job.log import MetricsSink
+from job.log import MetricsSink, quiet_libraries
 from job.signals import StopFlag
 from job.train import Trainer
 
@@ -46,6 +46,7 @@ def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def run(command: str, settings: Settings) -> None:
+    quiet_libraries()
     device = model.pick_device()
     geo = preflight(settings, device)
     if command == "check":
