@@ -43,7 +43,7 @@ def component_identity(model_dir: Path, subfolder: str) -> str:
     for p in sorted(folder.iterdir()):
         if p.is_file() and (p.suffix in (".json", ".txt", ".model") or p.suffix == ".safetensors"):
             h.update(p.name.encode())
-            h.update((p.read_bytes() if p.suffix != ".safetensors" else _file_identity(p).encode()))
+            h.update(p.read_bytes() if p.suffix != ".safetensors" else _file_identity(p).encode())
     return h.hexdigest()[:16]
 
 

@@ -28,8 +28,13 @@ def local_folder(ref: str) -> Path | None:
 
 
 def _hub_error(what: str, ref: str, e: Exception) -> HubAccessError:
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(e, GatedRepoError):
         return HubAccessError(f"{what} {ref} is gated: accept its terms at https://huggingface.co/{ref} "

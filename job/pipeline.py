@@ -95,17 +95,8 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     samples = data.discover(data_dir, d.caption_strategy, d.instance_prompt, g)
     plan = data.make_plan(samples, s.training.train_batch_size, d.repeats, s.training.seed, str(data_dir))
     t0 = time.monotonic()
-    vae = model.load_vae(model_dir, device)
-    latent_cache = TensorCache(out / "cache" / "vae", component_identity(model_dir, "vae"))
-    latent_keys = data.cache_latents(samples, g, latent_cache, lambda px: model.encode_latents(vae, px),
-                                     d.vae_batch_size)
-    del vae
-    text_pipe = model.load_text_encoder(model_dir, device)
-    text_cache = TensorCache(out / "cache" / "text", component_identity(model_dir, "text_encoder")
-                             + f"-{model.MAX_SEQUENCE_LENGTH}")
-    captions = [c for smp in samples for c in smp.captions] + [""]
-    text_keys = data.cache_text(captions, text_cache, lambda cs: model.encode_prompts(text_pipe, cs, device).cpu())
-    del text_pipe
+    latent_cache, latent_keys = cache_latents(model_dir, samples, g, out, d.vae_batch_size, device)
+    text_cache, text_keys = cache_text(model_dir, samples, out, device)
     log.info("caching done in %.1fs", time.monotonic() - t0)
     fetch = data.batch_fetcher(plan, latent_cache, latent_keys, text_cache, text_keys, d.caption_dropout_probability)
 
@@ -133,6 +124,22 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
         model.save_adapter(network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), "resolved_total_steps": total})
     log.info("done: %s", out / outputs.ADAPTER_FILE)
+
+
+def cache_latents(model_dir: Path, samples, g: data.Geometry, out: Path, batch_size: int, device: torch.device):
+    """The VAE lives only inside this call: loaded, used for what the cache lacks, freed on return."""
+    vae = model.load_vae(model_dir, device)
+    cache = TensorCache(out / "cache" / "vae", component_identity(model_dir, "vae"))
+    return cache, data.cache_latents(samples, g, cache, lambda px: model.encode_latents(vae, px), batch_size)
+
+
+def cache_text(model_dir: Path, samples, out: Path, device: torch.device):
+    """Likewise the text encoder; the empty prompt is always cached (caption dropout, unconditional sampling)."""
+    text_pipe = model.load_text_encoder(model_dir, device)
+    cache = TensorCache(out / "cache" / "text",
+                        f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
+    captions = [c for smp in samples for c in smp.captions] + [""]
+    return cache, data.cache_text(captions, cache, lambda cs: model.encode_prompts(text_pipe, cs, device).cpu())
 
 
 def resume_point(s: Settings, ckpt_dir: Path) -> Path | None:

@@ -15,7 +15,7 @@ class StopFlag:
     def __init__(self):
         self.signum: int | None = None
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         return self
