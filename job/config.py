@@ -226,6 +226,8 @@ class DataSettings:
     repeats: int = opt("0", "Extra passes over the dataset per epoch (0 = each image once)", _pos_int(0))
     caption_dropout_probability: float = opt("0.0", "Probability of training a sample with the empty prompt",
                                              _number(float, 0.0, 1.0, False))
+    minimum_image_size: int = opt("0", "Skip images smaller than this (short side for pixel, sqrt of area for "
+                                  "pixel_area; 0 = keep all)", _pos_int(0))
     data_backend_config: list = opt("", "SimpleTuner multi-dataset JSON (inline or a file path); replaces DATASET_ID",
                                     _json_or_path(list, "a list of dataset entries"))
     vae_batch_size: int = opt("4", "Images per VAE batch while caching latents", _pos_int())
@@ -512,11 +514,10 @@ def cross_check(s: Settings) -> list[str]:
     if d.dataset_id and d.data_backend_config:
         p.append("DATASET_ID and DATA_BACKEND_CONFIG are both set: use one")
     if d.data_backend_config:
-        p.append("DATA_BACKEND_CONFIG: multi-dataset configs are not supported by this version of the job yet; "
-                 "use DATASET_ID")
-    p += not_yet_supported(s)
-    if d.caption_strategy == "instanceprompt" and not d.instance_prompt:
+        p += datasets(s)[2]
+    elif d.caption_strategy == "instanceprompt" and not d.instance_prompt:
         p.append("CAPTION_STRATEGY=instanceprompt needs INSTANCE_PROMPT")
+    p += not_yet_supported(s)
     if t.optimizer == "adamw_bf16" and t.mixed_precision != "bf16":
         p.append("OPTIMIZER=adamw_bf16 needs MIXED_PRECISION=bf16; use adamw with MIXED_PRECISION=no")
     rc = s.checkpoints.resume_from_checkpoint
@@ -529,6 +530,87 @@ def cross_check(s: Settings) -> list[str]:
     return p
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One image source with its own captions, geometry and weight in the mix."""
+
+    id: str
+    source: str  # a local folder or a Hub dataset repo id
+    caption_strategy: str
+    instance_prompt: str
+    resolution: int
+    resolution_type: str
+    crop: bool
+    crop_style: str
+    crop_aspect: str
+    repeats: int
+    minimum_image_size: int
+    cache_dir_vae: str  # "" = OUTPUT_DIR/cache/vae
+
+
+# DATA_BACKEND_CONFIG keys: honoured (mapped onto DatasetSpec), or known to SimpleTuner but without effect here.
+_BACKEND_KEYS = ("caption_strategy", "instance_prompt", "resolution", "resolution_type", "crop", "crop_style",
+                 "crop_aspect", "repeats", "minimum_image_size")
+_BACKEND_IGNORED = {
+    "maximum_image_size": "images are always resized straight to their bucket",
+    "target_downsample_size": "images are always resized straight to their bucket",
+    "metadata_backend": "images are discovered by listing the folder",
+    "skip_file_discovery": "images are discovered by listing the folder",
+    "is_regularisation_data": "regularisation images are trained like the others",
+    "write_batch_size": "embeddings are written one file each",
+    "default": "there is one text-embedding cache",
+    "vae_cache_clear_each_epoch": "latents are cached once, keyed by content",
+}
+
+
+def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]:
+    """(datasets, text-embedding cache dir or "", problems, warnings) from DATASET_ID or DATA_BACKEND_CONFIG.
+
+    Entries take their missing keys from the top-level data settings, as SimpleTuner's do."""
+    d = s.data
+    base = {k: getattr(d, k) for k in _BACKEND_KEYS}
+    if not d.data_backend_config:
+        return [DatasetSpec("dataset", d.dataset_id, cache_dir_vae="", **base)], "", [], []
+    specs, problems, ignored, text_dir = [], [], set(), ""
+    for n, entry in enumerate(d.data_backend_config):
+        where = f"DATA_BACKEND_CONFIG[{n}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: expected an object")
+            continue
+        where = f"DATA_BACKEND_CONFIG[{entry.get('id', n)}]"
+        if str(entry.get("disabled", "false")).lower() in ("true", "1", "yes"):
+            continue
+        if entry.get("dataset_type") == "text_embeds":
+            text_dir = str(entry.get("cache_dir", ""))
+            ignored |= {k for k in entry if k in _BACKEND_IGNORED}
+            continue
+        if entry.get("type", "local") != "local":
+            problems.append(f"{where}.type={entry['type']!r}: only local folders are supported")
+        folder = str(entry.get("instance_data_dir", ""))
+        if not folder or not Path(folder).expanduser().is_dir():
+            problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
+        values = dict(base)
+        for key in _BACKEND_KEYS:
+            if key in entry:
+                raw = entry[key]
+                raw = ("true" if raw else "false") if isinstance(raw, bool) else str(raw)
+                try:
+                    values[key] = SPEC_BY_NAME[key].parse(raw)
+                except Invalid as e:
+                    problems.append(f"{where}.{key}={raw!r}: {e}")
+        if values["caption_strategy"] == "instanceprompt" and not values["instance_prompt"]:
+            problems.append(f"{where}: caption_strategy instanceprompt needs instance_prompt")
+        known = set(_BACKEND_KEYS) | {"id", "type", "instance_data_dir", "disabled", "cache_dir_vae", "dataset_type"}
+        ignored |= {k for k in entry if k not in known}
+        specs.append(DatasetSpec(str(entry.get("id", f"dataset-{n}")), folder,
+                                 cache_dir_vae=str(entry.get("cache_dir_vae", "")), **values))
+    if not specs and not problems:
+        problems.append("DATA_BACKEND_CONFIG: no enabled image dataset")
+    warnings = [f"DATA_BACKEND_CONFIG: {k} ignored ({_BACKEND_IGNORED.get(k, 'not a setting of this job')})"
+                for k in sorted(ignored)]
+    return specs, text_dir, problems, warnings
+
+
 def not_yet_supported(s: Settings) -> list[str]:
     """Settings whose effect lives outside this run (the Hub, trackers, the pod, other GPUs) that this version
     cannot deliver yet: refused, so a user never walks away from a job that silently skips them."""
@@ -536,8 +618,6 @@ def not_yet_supported(s: Settings) -> list[str]:
     p = []
     if s.output.push_to_hub:
         p.append(f"PUSH_TO_HUB=true: pushing to the Hub{later}; set PUSH_TO_HUB=false and upload OUTPUT_DIR yourself")
-    if s.output.report_to != "none":
-        p.append(f"REPORT_TO={s.output.report_to}: trackers{later}; use REPORT_TO=none (metrics.jsonl is written)")
     if s.output.webhook_url:
         p.append(f"WEBHOOK_URL: webhooks{later}; leave it empty")
     if s.scale.num_processes > 1:

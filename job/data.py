@@ -47,6 +47,8 @@ class Sample:
     path: Path
     captions: tuple[str, ...]
     bucket: tuple[int, int]  # (width, height) in pixels
+    geometry: Geometry
+    repeats: int = 0  # extra appearances per epoch
 
 
 # ---------------------------------------------------------------- captions
@@ -159,7 +161,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 # ---------------------------------------------------------------- discovery
 
-def discover(folder: Path, strategy: str, instance_prompt: str, g: Geometry) -> list[Sample]:
+def discover(folder: Path, strategy: str, instance_prompt: str, g: Geometry, *, repeats: int = 0,
+             minimum_image_size: int = 0) -> list[Sample]:
     """Every usable image under `folder`; what was skipped is counted by reason and logged."""
     if not folder.is_dir():
         raise DataError(f"dataset folder {folder} does not exist")
@@ -177,7 +180,11 @@ def discover(folder: Path, strategy: str, instance_prompt: str, g: Geometry) -> 
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             skipped["unreadable"] += 1
             continue
-        samples.append(Sample(path, captions, bucket_for(w, h, g)))
+        size = min(w, h) if g.resolution_type == "pixel" else math.sqrt(w * h)
+        if size < minimum_image_size:
+            skipped[f"smaller than minimum_image_size {minimum_image_size}"] += 1
+            continue
+        samples.append(Sample(path, captions, bucket_for(w, h, g), g, repeats))
     buckets = Counter(s.bucket for s in samples)
     log.info("dataset %s: %d images usable%s; buckets %s", folder, len(samples),
              "".join(f", {n} skipped ({why})" for why, n in skipped.items()),
@@ -197,8 +204,8 @@ def file_digest(path: Path) -> str:
 class Plan:
     """Which samples (and which of their captions) make each micro-batch, for any epoch, from the seed alone."""
 
-    def __init__(self, samples: list[Sample], batch_size: int, repeats: int, seed: int):
-        self.samples, self.batch_size, self.repeats, self.seed = tuple(samples), batch_size, repeats, seed
+    def __init__(self, samples: list[Sample], batch_size: int, seed: int):
+        self.samples, self.batch_size, self.seed = tuple(samples), batch_size, seed
         self._epoch, self._batches = -1, []
         self.batches_per_epoch = len(self.epoch_batches(0))
 
@@ -209,7 +216,7 @@ class Plan:
         rng = random.Random(f"{self.seed}:{epoch}")
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(self.samples):
-            by_bucket.setdefault(s.bucket, []).extend([i] * (1 + self.repeats))
+            by_bucket.setdefault(s.bucket, []).extend([i] * (1 + s.repeats))
         batches = []
         for bucket in sorted(by_bucket):
             idx = by_bucket[bucket]
@@ -226,20 +233,20 @@ class Plan:
         return self.epoch_batches(epoch)[pos]
 
 
-def make_plan(samples: list[Sample], batch_size: int, repeats: int, seed: int, folder: str) -> Plan:
-    plan = Plan(samples, batch_size, repeats, seed)
+def make_plan(samples: list[Sample], batch_size: int, seed: int) -> Plan:
+    plan = Plan(samples, batch_size, seed)
     if plan.batches_per_epoch == 0:
-        raise DataError(f"dataset {folder}: {len(samples)} usable image(s) give no full batch of TRAIN_BATCH_SIZE="
+        raise DataError(f"{len(samples)} usable image(s) give no full batch of TRAIN_BATCH_SIZE="
                         f"{batch_size} in any bucket; add images, raise REPEATS, or lower TRAIN_BATCH_SIZE")
     return plan
 
 
 # ---------------------------------------------------------------- caching (encoders handed in)
 
-def cache_latents(samples: list[Sample], g: Geometry, cache, encode: Callable[[torch.Tensor], torch.Tensor],
+def cache_latents(samples: list[Sample], cache, encode: Callable[[torch.Tensor], torch.Tensor],
                   batch_size: int) -> dict[int, str]:
     """Latent cache key per sample index; encodes only what the cache lacks, a bucket's images batched."""
-    keys = {i: cache.key(file_digest(s.path), s.bucket, g) for i, s in enumerate(samples)}
+    keys = {i: cache.key(file_digest(s.path), s.bucket, s.geometry) for i, s in enumerate(samples)}
     todo = [i for i in keys if not cache.has(keys[i])]
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i in todo:
@@ -248,8 +255,8 @@ def cache_latents(samples: list[Sample], g: Geometry, cache, encode: Callable[[t
     for idx in by_bucket.values():
         for k in range(0, len(idx), batch_size):
             chunk = idx[k:k + batch_size]
-            pixels = torch.stack([to_tensor(fit(open_image(samples[i].path), samples[i].bucket, g, keys[i]))
-                                  for i in chunk])
+            pixels = torch.stack([to_tensor(fit(open_image(samples[i].path), samples[i].bucket, samples[i].geometry,
+                                                keys[i])) for i in chunk])
             latents = encode(pixels)
             if not torch.isfinite(latents).all():
                 raise DataError(f"the VAE produced non-finite latents for {samples[chunk[0]].path.parent}")
@@ -275,14 +282,16 @@ def cache_text(captions: list[str], cache, encode: Callable[[list[str]], torch.T
     return keys
 
 
-def batch_fetcher(plan: Plan, latent_cache, latent_keys: dict[int, str], text_cache, text_keys: dict[str, str],
+def batch_fetcher(plan: Plan, latents_of: dict[int, tuple], text_cache, text_keys: dict[str, str],
                   dropout: float) -> Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
-    """micro-batch index → (latents, text embeddings), both from the caches; dropout swaps in the empty prompt."""
+    """micro-batch index → (latents, text embeddings), both from the caches; dropout swaps in the empty prompt.
+
+    latents_of maps a sample index to its (latent cache, key): datasets may keep their own cache folders."""
 
     def fetch(index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         batch = plan.micro_batch(index)
         drop = torch.rand(len(batch), generator=g) < dropout  # drawn even at 0, so the noise stream never depends on it
-        latents = torch.stack([latent_cache.get(latent_keys[i]) for i, _ in batch])
+        latents = torch.stack([latents_of[i][0].get(latents_of[i][1]) for i, _ in batch])
         captions = ["" if d else plan.samples[i].captions[c] for (i, c), d in zip(batch, drop.tolist())]
         embeds = torch.stack([text_cache.get(text_keys[c]) for c in captions])
         return latents, embeds

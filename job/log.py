@@ -90,11 +90,64 @@ class Progress:
                      self.rate(step), fmt_duration(self.eta(step)))
 
 
-class MetricsSink:
-    """metrics.jsonl, one object per logged step; appends so a resumed run continues the file."""
+class Tracker:
+    """REPORT_TO=none: the null tracker."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
-        self.path = path
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardTracker(Tracker):
+    def __init__(self, folder: Path, config: dict):
+        from torch.utils.tensorboard import SummaryWriter  # only runs that report pay for the import
+
+        self.writer = SummaryWriter(str(folder))
+        self.writer.add_text("training_config", "```\n" + json.dumps(config, indent=1) + "\n```")
+
+    def log(self, step: int, values: dict) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    """Logs in with WANDB_API_KEY from the environment (wandb reads it itself); WANDB_MODE=offline needs no network."""
+
+    def __init__(self, folder: Path, config: dict, project: str, name: str):
+        import wandb
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, name=name or None, config=config, dir=str(folder), resume="allow")
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(kind: str, out: Path, config: dict, project: str, name: str) -> Tracker:
+    """`config` must already be free of secrets (Settings.public_dict)."""
+    if kind == "tensorboard":
+        return TensorBoardTracker(out / "logs" / "tensorboard" / (name or "run"), config)
+    if kind == "wandb":
+        return WandbTracker(out / "logs", config, project, name)
+    return Tracker()
+
+
+class MetricsSink:
+    """metrics.jsonl, one object per logged step, mirrored to the tracker; appends so a resumed run continues
+    the file."""
+
+    def __init__(self, path: Path, resume_step: int = 0, tracker: Tracker | None = None):
+        self.path, self.tracker = path, tracker or Tracker()
         if path.exists():  # drop lines past the resume point: they belong to steps that will be redone
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
@@ -103,6 +156,8 @@ class MetricsSink:
     def write(self, **row) -> None:
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        self.tracker.log(row["step"], {k: v for k, v in row.items() if k != "step"})
 
     def close(self) -> None:
         self._f.close()
+        self.tracker.close()

@@ -42,9 +42,10 @@ def read_geometry(model_dir: Path) -> Geometry:
                     v["latent_channels"])
 
 
-def geometry_problems(settings: Settings, geo: Geometry) -> list[str]:
-    r = settings.data.resolution  # square bucket for both types; data.py clamps other aspects to the grid
-    return grid_problems({"RESOLUTION": [(r, r)], "VALIDATION_RESOLUTION": list(settings.validation.validation_resolution)},
+def geometry_problems(settings: Settings, geo: Geometry, resolutions: list[int]) -> list[str]:
+    """`resolutions`: each dataset's; a square bucket for both types (data.py clamps other aspects to the grid)."""
+    return grid_problems({"RESOLUTION": [(r, r) for r in resolutions],
+                          "VALIDATION_RESOLUTION": list(settings.validation.validation_resolution)},
                          patch_size=geo.patch_size, pos_embed_max_size=geo.pos_embed_max_size,
                          vae_scale_factor=geo.vae_scale_factor, exact=("VALIDATION_RESOLUTION",))
 

@@ -13,9 +13,9 @@ import torch
 
 from job import builtin, checkpoint, data, hub, model, outputs
 from job.cache import TensorCache, component_identity
-from job.config import Settings
+from job.config import Settings, datasets
 from job.errors import ConfigError
-from job.log import MetricsSink, quiet_libraries
+from job.log import MetricsSink, make_tracker, quiet_libraries
 from job.signals import StopFlag
 from job.train import Trainer
 
@@ -69,7 +69,7 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
     problems = model.device_problems(s, device)
     config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token)
     geo = model.read_geometry(config_dir)
-    problems += model.geometry_problems(s, geo)
+    problems += model.geometry_problems(s, geo, [spec.resolution for spec in datasets(s)[0]])
     problems += model.adapter_problems(config_dir, s.adapter.lycoris_config)
     if problems:
         raise ConfigError(problems)
@@ -85,23 +85,17 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     out = Path(s.output.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stop = StopFlag().install()
+    t = s.training
     model_dir = hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token)
-    data_dir = hub.pull_dataset(s.data.dataset_id, s.data.dataset_revision, s.access.hf_token)
-
-    # data: discover, plan, cache latents and text embeddings, then free the encoders
-    d = s.data
-    g = data.Geometry(d.resolution, d.resolution_type, d.crop, d.crop_style, d.crop_aspect, geo.pixel_step,
-                      int(geo.pos_embed_max_size ** 0.5) * geo.pixel_step)
-    samples = data.discover(data_dir, d.caption_strategy, d.instance_prompt, g)
-    plan = data.make_plan(samples, s.training.train_batch_size, d.repeats, s.training.seed, str(data_dir))
+    samples, cache_dirs, text_dir = gather_samples(s, geo, out)
+    plan = data.make_plan(samples, t.train_batch_size, t.seed)
     t0 = time.monotonic()
-    latent_cache, latent_keys = cache_latents(model_dir, samples, g, out, d.vae_batch_size, device)
-    text_cache, text_keys = cache_text(model_dir, samples, out, device)
+    latents_of = cache_latents(model_dir, samples, cache_dirs, s.data.vae_batch_size, device)
+    text_cache, text_keys = cache_text(model_dir, samples, text_dir, device)
     log.info("caching done in %.1fs", time.monotonic() - t0)
-    fetch = data.batch_fetcher(plan, latent_cache, latent_keys, text_cache, text_keys, d.caption_dropout_probability)
+    fetch = data.batch_fetcher(plan, latents_of, text_cache, text_keys, s.data.caption_dropout_probability)
 
     # model: frozen base + LoKr (seeded, so a fresh run's adapter init is reproducible)
-    t = s.training
     total = t.max_train_steps or t.num_train_epochs * max(1, plan.batches_per_epoch // t.gradient_accumulation_steps)
     transformer = model.load_transformer(model_dir, s, device)
     torch.manual_seed(t.seed)
@@ -109,16 +103,20 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     log.info("adapter: %d LyCORIS modules, %d trainable parameters", len(network.loras),
              sum(p.numel() for p in network.parameters() if p.requires_grad))
 
-    ckpt_dir = out / "checkpoints"
-    trainer = Trainer(transformer, network, fetch, t, total, geo.patch_size, device, model.train_dtype(s), ckpt_dir,
-                      s.checkpoints.checkpoint_step_interval, s.checkpoints.checkpoints_total_limit,
-                      MetricsSink(out / "metrics.jsonl"), should_stop=stop)
-    resume = resume_point(s, ckpt_dir)
+    trainer = Trainer(transformer, network, fetch, t, total, geo.patch_size, device, model.train_dtype(s),
+                      out / "checkpoints", s.checkpoints.checkpoint_step_interval,
+                      s.checkpoints.checkpoints_total_limit, should_stop=stop)
+    resume = resume_point(s, out / "checkpoints")
     if resume:
         trainer.resume(resume)
-    trainer.metrics = MetricsSink(out / "metrics.jsonl", resume_step=trainer.step)
-    trainer.run()
-    trainer.metrics.close()
+    o = s.output
+    tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
+                           o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
+    trainer.metrics = MetricsSink(out / "metrics.jsonl", resume_step=trainer.step, tracker=tracker)
+    try:
+        trainer.run()
+    finally:
+        trainer.metrics.close()
 
     with trainer.final_weights():
         model.save_adapter(network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
@@ -126,18 +124,43 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     log.info("done: %s", out / outputs.ADAPTER_FILE)
 
 
-def cache_latents(model_dir: Path, samples, g: data.Geometry, out: Path, batch_size: int, device: torch.device):
-    """The VAE lives only inside this call: loaded, used for what the cache lacks, freed on return."""
+def gather_samples(s: Settings, geo: model.Geometry, out: Path) -> tuple[list, list[Path], Path]:
+    """Every dataset pulled and discovered with its own geometry: (samples, each one's latent cache folder,
+    the text-embedding cache folder)."""
+    specs, text_dir, _, warnings = datasets(s)
+    for w in warnings:
+        log.warning("%s", w)
+    samples, cache_dirs = [], []
+    for spec in specs:
+        folder = hub.pull_dataset(spec.source, s.data.dataset_revision, s.access.hf_token)
+        g = data.Geometry(spec.resolution, spec.resolution_type, spec.crop, spec.crop_style, spec.crop_aspect,
+                          geo.pixel_step, int(geo.pos_embed_max_size ** 0.5) * geo.pixel_step)
+        found = data.discover(folder, spec.caption_strategy, spec.instance_prompt, g, repeats=spec.repeats,
+                              minimum_image_size=spec.minimum_image_size)
+        samples += found
+        cache_dirs += [Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"] * len(found)
+    return samples, cache_dirs, Path(text_dir) if text_dir else out / "cache" / "text"
+
+
+def cache_latents(model_dir: Path, samples, cache_dirs: list[Path], batch_size: int, device: torch.device):
+    """sample index → (cache, key). The VAE lives only inside this call: loaded once, used for what the
+    caches lack, freed on return."""
     vae = model.load_vae(model_dir, device)
-    cache = TensorCache(out / "cache" / "vae", component_identity(model_dir, "vae"))
-    return cache, data.cache_latents(samples, g, cache, lambda px: model.encode_latents(vae, px), batch_size)
+    identity = component_identity(model_dir, "vae")
+    latents_of = {}
+    for folder in dict.fromkeys(cache_dirs):
+        idx = [i for i, d in enumerate(cache_dirs) if d == folder]
+        cache = TensorCache(folder, identity)
+        keys = data.cache_latents([samples[i] for i in idx], cache, lambda px: model.encode_latents(vae, px),
+                                  batch_size)
+        latents_of.update({idx[j]: (cache, key) for j, key in keys.items()})
+    return latents_of
 
 
-def cache_text(model_dir: Path, samples, out: Path, device: torch.device):
+def cache_text(model_dir: Path, samples, folder: Path, device: torch.device):
     """Likewise the text encoder; the empty prompt is always cached (caption dropout, unconditional sampling)."""
     text_pipe = model.load_text_encoder(model_dir, device)
-    cache = TensorCache(out / "cache" / "text",
-                        f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
+    cache = TensorCache(folder, f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
     captions = [c for smp in samples for c in smp.captions] + [""]
     return cache, data.cache_text(captions, cache, lambda cs: model.encode_prompts(text_pipe, cs, device).cpu())
 

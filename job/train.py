@@ -120,10 +120,10 @@ class Trainer:
     checkpoint_dir: Path
     checkpoint_interval: int
     checkpoints_total_limit: int
-    metrics: MetricsSink
     should_stop: Callable[[], int | None] = lambda: None  # the signal number once a stop is requested
     on_checkpoint: Callable[[Path], None] = lambda path: None
     step: int = 0
+    metrics: MetricsSink | None = None  # set once the resume point is known (the sink trims past it)
     params: list = field(init=False)
 
     def __post_init__(self):
