@@ -293,6 +293,9 @@ class ValidationSettings:
     validation_guidance: float = opt("3.5", "Classifier-free guidance scale", _number(float, 0.0, None, False))
     validation_num_inference_steps: int = opt("20", "Sampler steps per validation image", _pos_int())
     validation_seed: int = opt("42", "Seed for validation noise (the same every round)", _pos_int(0))
+    eval_steps_interval: int = opt("0", "Score the stable eval loss (fixed latents, sigmas and noise) every N steps "
+                                   "(0 = off)", _pos_int(0))
+    num_eval_images: int = opt("4", "Training images in the stable eval set", _pos_int())
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,12 @@ def load_vae(model_dir: Path, device: torch.device):
     return AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=dtype).to(device).eval().requires_grad_(False)
 
 
+def load_scheduler(model_dir: Path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+
 def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
     """The frozen base transformer at its training precision, quantised if asked, on `device`."""
     from diffusers import AuraFlowTransformer2DModel

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, checkpoint, data, hub, model, outputs
+from job import builtin, checkpoint, data, hub, model, outputs, sample
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
 from job.errors import ConfigError
 from job.log import MetricsSink, make_tracker, quiet_libraries
 from job.signals import StopFlag
-from job.train import Trainer
+from job.train import Trainer, eval_loss
 
 log = logging.getLogger("job")
 
@@ -35,7 +35,7 @@ def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
         "mixed_precision": "no", "gradient_checkpointing": "false", "lycoris_config": json.dumps(DEMO_LYCORIS),
         "checkpoint_step_interval": "100", "flow_schedule_shift": "1.0",
         "validation_resolution": f"{size}x{size}", "validation_num_inference_steps": "8",
-        "validation_step_interval": "0",
+        "validation_step_interval": "100", "validation_guidance": "1.0", "eval_steps_interval": "25",
     }
     forced = {
         "model_id": str(builtin.tiny_model_dir(root)), "dataset_id": str(builtin.toy_dataset_dir(root)),
@@ -51,17 +51,10 @@ def run(command: str, settings: Settings) -> None:
     geo = preflight(settings, device)
     if command == "check":
         return
-    if validation_asked(settings):
-        log.warning("VALIDATION_PROMPT / USER_PROMPT_LIBRARY: validation images are not rendered by this version "
-                    "of the job yet; the adapter and metrics are")
     if command == "demo":
         log.info("demo: tiny built-in AuraFlow, toy shapes, LoKr over all Linear layers (not the seed's "
                  "Attention-only preset, which cannot move a model this small)")
     train(settings, device, geo)
-
-
-def validation_asked(s: Settings) -> bool:
-    return bool(s.validation.validation_prompt or s.validation.user_prompt_library)
 
 
 def preflight(s: Settings, device: torch.device) -> model.Geometry:
@@ -87,11 +80,14 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     stop = StopFlag().install()
     t = s.training
     model_dir = hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token)
+
+    # data: every dataset discovered, latents and text embeddings cached (encoders freed after)
     samples, cache_dirs, text_dir = gather_samples(s, geo, out)
     plan = data.make_plan(samples, t.train_batch_size, t.seed)
     t0 = time.monotonic()
     latents_of = cache_latents(model_dir, samples, cache_dirs, s.data.vae_batch_size, device)
-    text_cache, text_keys = cache_text(model_dir, samples, text_dir, device)
+    fallback = samples[0].captions[0]  # validation prompt when none is configured
+    text_cache, text_keys = cache_text(model_dir, samples, sample.prompts_to_cache(s, fallback), text_dir, device)
     log.info("caching done in %.1fs", time.monotonic() - t0)
     fetch = data.batch_fetcher(plan, latents_of, text_cache, text_keys, s.data.caption_dropout_probability)
 
@@ -109,19 +105,50 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     resume = resume_point(s, out / "checkpoints")
     if resume:
         trainer.resume(resume)
+    validator = sample.Validator(s, out, transformer, model.load_vae(model_dir, device), model.load_scheduler(model_dir),
+                                 lambda prompt: text_cache.get(text_keys[prompt]), device, fallback)
+    trainer.hooks = [eval_hook(s, trainer, samples, latents_of, text_cache, text_keys),
+                     lambda step: validate(trainer, validator, step) if validator.due(step) else None]
     o = s.output
     tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
                            o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
     trainer.metrics = MetricsSink(out / "metrics.jsonl", resume_step=trainer.step, tracker=tracker)
     try:
+        if trainer.step == 0:
+            validator.render(0)  # the base model, for comparison
         trainer.run()
     finally:
         trainer.metrics.close()
 
+    # outputs: the adapter (EMA weights when on), final samples, loss plot, resolved settings
     with trainer.final_weights():
         model.save_adapter(network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
+        validator.render(trainer.step, final=True)
+    sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), "resolved_total_steps": total})
     log.info("done: %s", out / outputs.ADAPTER_FILE)
+
+
+def validate(trainer: Trainer, validator: sample.Validator, step: int) -> None:
+    with trainer.final_weights():  # with USE_EMA, rounds show the EMA weights, as the published adapter will
+        validator.render(step)
+
+
+def eval_hook(s: Settings, trainer: Trainer, samples, latents_of, text_cache, text_keys):
+    """The stable eval loss every EVAL_STEPS_INTERVAL steps on the first NUM_EVAL_IMAGES training images."""
+    v = s.validation
+    if not v.eval_steps_interval:
+        return lambda step: None
+    batches = [(latents_of[i][0].get(latents_of[i][1]).unsqueeze(0),
+                text_cache.get(text_keys[samples[i].captions[0]]).unsqueeze(0))
+               for i in range(min(v.num_eval_images, len(samples)))]
+
+    def hook(step: int):
+        if step % v.eval_steps_interval == 0:
+            return {"eval_loss": eval_loss(trainer.transformer, batches, trainer.device, trainer.dtype)}
+        return None
+
+    return hook
 
 
 def gather_samples(s: Settings, geo: model.Geometry, out: Path) -> tuple[list, list[Path], Path]:
@@ -157,11 +184,12 @@ def cache_latents(model_dir: Path, samples, cache_dirs: list[Path], batch_size: 
     return latents_of
 
 
-def cache_text(model_dir: Path, samples, folder: Path, device: torch.device):
-    """Likewise the text encoder; the empty prompt is always cached (caption dropout, unconditional sampling)."""
+def cache_text(model_dir: Path, samples, extra: list[str], folder: Path, device: torch.device):
+    """Likewise the text encoder: training captions, the empty prompt (caption dropout) and the validation
+    prompts, so sampling never needs the encoder again."""
     text_pipe = model.load_text_encoder(model_dir, device)
     cache = TensorCache(folder, f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
-    captions = [c for smp in samples for c in smp.captions] + [""]
+    captions = [c for smp in samples for c in smp.captions] + [""] + extra
     return cache, data.cache_text(captions, cache, lambda cs: model.encode_prompts(text_pipe, cs, device).cpu())
 
 

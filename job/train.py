@@ -55,36 +55,36 @@ def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainingSettings, total_
 
 
 class EMA:
-    """Exponential moving average of the adapter weights, kept in fp32."""
+    """Exponential moving average of the adapter weights, kept in fp32, by parameter name."""
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().float().clone() for p in params]
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.params, self.decay = dict(named_params), decay
+        self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - self.decay)
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
 
     @contextlib.contextmanager
     def swapped_in(self):
         """The EMA weights in place of the live ones (for saving and validation), then back."""
-        live = [p.detach().clone() for p in self.params]
+        live = {n: p.detach().clone() for n, p in self.params.items()}
         with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                p.copy_(s)
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
         try:
             yield
         finally:
             with torch.no_grad():
-                for v, p in zip(live, self.params):
-                    p.copy_(v)
+                for n, p in self.params.items():
+                    p.copy_(live[n])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.shadow = [s.clone() for s in state["shadow"]]
+        self.shadow = {n: t.clone() for n, t in state["shadow"].items()}
 
 
 def micro_generator(seed: int, index: int) -> torch.Generator:
@@ -105,6 +105,28 @@ def flow_loss(transformer, x0: torch.Tensor, embeds: torch.Tensor, g: torch.Gene
     return F.mse_loss(pred.float(), flow.velocity_target(x0, noise).to(device).float())
 
 
+EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@torch.no_grad()
+def eval_loss(transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+              dtype: torch.dtype, seed: int = 0) -> float:
+    """The same latents at the same sigmas with the same noise every time: a curve comparable across steps
+    (the training loss jumps with each step's random sigma)."""
+    total, n = 0.0, 0
+    for b, (x0, embeds) in enumerate(batches):
+        g = torch.Generator().manual_seed(seed + b)
+        for s_val in EVAL_SIGMAS:
+            s = torch.full((x0.shape[0],), s_val)
+            noise = torch.randn(x0.shape, generator=g)
+            pred = transformer(hidden_states=flow.noised(x0, noise, s).to(device, dtype),
+                               encoder_hidden_states=embeds.to(device, dtype),
+                               timestep=flow.model_timestep(s).to(device, dtype), return_dict=False)[0]
+            total += F.mse_loss(pred.float(), flow.velocity_target(x0, noise).to(device).float()).item()
+            n += 1
+    return total / n
+
+
 # ---------------------------------------------------------------- the loop
 
 @dataclass
@@ -122,15 +144,17 @@ class Trainer:
     checkpoints_total_limit: int
     should_stop: Callable[[], int | None] = lambda: None  # the signal number once a stop is requested
     on_checkpoint: Callable[[Path], None] = lambda path: None
+    hooks: list[Callable[[int], dict | None]] = field(default_factory=list)  # after each step: eval, validation
     step: int = 0
     metrics: MetricsSink | None = None  # set once the resume point is known (the sink trims past it)
     params: list = field(init=False)
 
     def __post_init__(self):
-        self.params = [p for p in self.network.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         self.optimizer = make_optimizer(self.params, self.t)
         self.scheduler = make_scheduler(self.optimizer, self.t, self.total_steps)
-        self.ema = EMA(self.params, self.t.ema_decay) if self.t.use_ema else None
+        self.ema = EMA(named, self.t.ema_decay) if self.t.use_ema else None
 
     def run(self) -> None:
         t, accum = self.t, self.t.gradient_accumulation_steps
@@ -156,8 +180,9 @@ class Trainer:
                 self.ema.update()
             self.step += 1
             lr = self.scheduler.get_last_lr()[0]
+            extra = {k: v for hook in self.hooks for k, v in (hook(self.step) or {}).items()}
             self.metrics.write(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
-                               elapsed_s=round(time.monotonic() - t0, 3))
+                               elapsed_s=round(time.monotonic() - t0, 3), **extra)
             progress.update(self.step, loss, lr)
             if self.checkpoint_interval and self.step % self.checkpoint_interval == 0:
                 self.save_checkpoint()

@@ -18,6 +18,11 @@ huggingface_hub 2.4.0 actually calls (read from its source, see the notes below)
     HEAD/GET /[datasets/]{repo_id}/resolve/{rev}/{path}      X-Repo-Commit, quoted ETag (git sha1, or the sha256 plus
                                                              X-Linked-Etag/X-Linked-Size for LFS files), Range → 206
 
+Anything else is a plain 404 (no branches/tags/PRs, refs or commit listings, Spaces, buckets). Revisions are branch
+names or (short) commit shas; commits go to existing branches only. LFS files are served directly (200), not through
+a redirect to a CDN. A private repo is readable by its namespace's user only; a gated one lists publicly and serves
+files to its namespace's user and to users added with grant(); writes need a can_write token of the namespace's user.
+
 Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) and ``X-Error-Message``,
 which is what makes the client raise RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError and
 GatedRepoError. (The client's fallback "401 means repo not found" only matches https:// URLs, so the code header
@@ -40,11 +45,13 @@ once, at import, into ``huggingface_hub.constants``):
 * A subprocess (the job's own CLI): ``env = {**os.environ, **client_env(hub, hf_home)}``; it sets HF_ENDPOINT,
   HF_HOME, HF_HUB_DISABLE_XET=1, HF_HUB_OFFLINE=0 and blanks HF_TOKEN.
 * In-process code that takes no endpoint (``job.hub`` calls ``snapshot_download(repo_id, ...)``):
-  ``point_client(hub, monkeypatch, hf_home)``. Setting ``constants.ENDPOINT`` alone is NOT enough:
-  ``hf_hub_url`` formats ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (built from the endpoint at import) and the
-  module-level functions ``huggingface_hub.upload_folder/create_repo/whoami/...`` are bound methods of an ``HfApi``
-  created at import, so ``point_client`` patches those three things (plus the cache/token paths and the Xet and
-  offline switches).
+  ``point_client(hub, monkeypatch, hf_home)``; ``isolate_client`` does the same minus the endpoint. Setting
+  ``constants.ENDPOINT`` alone is NOT enough: ``hf_hub_url`` formats ``constants.HUGGINGFACE_CO_URL_TEMPLATE``
+  (built from the endpoint at import) and the module-level functions ``huggingface_hub.upload_folder/create_repo/
+  whoami/...`` are bound methods of an ``HfApi`` created at import, so ``point_client`` patches those three things
+  (plus the cache/token paths and the Xet and offline switches).
+* Explicit ``endpoint=`` is not quite complete: ``create_repo(exist_ok=True)`` answered 403 (read-only token, repo
+  exists) builds its RepoUrl without the endpoint and raises HfUriError unless ``constants.ENDPOINT`` is the server.
 
 Xet: with ``hf_xet`` installed and HF_HUB_DISABLE_XET unset, every file the preupload call marks "lfs" is uploaded
 through Xet: ``_commit_api._upload_files`` and ``upload_folder``'s pipeline decide that on the client
@@ -62,6 +69,16 @@ response (half the body, or nothing for HEAD / empty bodies) and closes the sock
 cut IS committed; ``stall_after(nbytes)`` sends the first nbytes of the next file body and then sends nothing until
 ``release()`` (or ``seconds``, or ``stop()``/``down()``), then closes; ``down()`` closes the listening socket and open
 connections (the client gets ConnectError), ``up()`` listens again on the same port.
+
+What the 2.4.0 client does with faults (pinned by tests/test_hubserver.py). Retried with backoff (1 s, 2, 4, 8, 8; 5
+retries) on 408/429/5xx and connection errors: preupload, LFS batch, LFS PUT and verify, tree listing (paginate), the
+upload_folder commit only when Xet is on (its pipeline), and hf_hub_download's HEAD when nothing is cached (a first
+try without retries, then a second round with them: a dead Hub costs ~23 s before LocalEntryNotFoundError). NOT
+retried: repo_info/model_info (so snapshot_download's first call: 5xx or refused → LocalEntryNotFoundError, a lost
+response → raw httpx2.RemoteProtocolError), whoami, create_repo, validate-yaml, create_commit's commit POST, and the
+file body GET on 5xx (HfHubHTTPError). A broken or stalled body (RemoteProtocolError, or ReadTimeout after
+HF_HUB_DOWNLOAD_TIMEOUT = 10 s) is re-requested up to 5 times after 1 s, resuming with Range only past the
+10 MiB chunks already written, so smaller files restart from byte 0.
 """
 from __future__ import annotations
 
@@ -165,8 +182,8 @@ class Repo:
 class Hit:
     method: str
     path: str  # with the query string
-    status: int | None = None
-    headers: dict = field(default_factory=dict)
+    status: int | None = None  # None: no response was sent (a dropped HEAD, say)
+    headers: dict = field(default_factory=dict)  # request headers, lower-case names
 
 
 class HttpError(Exception):
@@ -192,6 +209,7 @@ class HubServer:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 → bytes, shared by all repos
         self.log: list[Hit] = []
+        self.errors: list[str] = []  # unexpected exceptions in handlers (answered 500); tests may assert it is empty
         self.lock = threading.RLock()
         self._rules: list[_Rule] = []
         self._stall: tuple[int, str | None, float | None] | None = None
@@ -350,27 +368,36 @@ def client_env(hub: HubServer, hf_home: str | os.PathLike) -> dict[str, str]:
             "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
 
 
-def point_client(hub: HubServer, monkeypatch, hf_home: str | os.PathLike) -> None:
-    """Point the already-imported huggingface_hub of this process at `hub` (undone by pytest's monkeypatch).
-
-    For code that calls the client without `endpoint=` (like job.hub). Also isolates caches and tokens in
-    `hf_home`, turns offline mode off and Xet off, and sets the same variables as client_env() for subprocesses.
-    """
-    from huggingface_hub import constants, hf_api
+def isolate_client(monkeypatch, hf_home: str | os.PathLike) -> None:
+    """Isolate this process's huggingface_hub (undone by pytest's monkeypatch): caches and token file under
+    `hf_home`, no HF_TOKEN, offline mode off, Xet off. Endpoint untouched: pass `endpoint=hub.url` to calls."""
+    from huggingface_hub import constants
 
     home = Path(hf_home)
-    for name, value in client_env(hub, home).items():
-        monkeypatch.setenv(name, value)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     for name, value in {
-        "ENDPOINT": hub.url,
-        "HUGGINGFACE_CO_URL_TEMPLATE": hub.url + "/{repo_id}/resolve/{revision}/{filename}",
         "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HUGGINGFACE_HUB_CACHE": str(home / "hub"),
         "HF_ASSETS_CACHE": str(home / "assets"), "HF_XET_CACHE": str(home / "xet"),
         "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
         "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_XET": True,
     }.items():
         monkeypatch.setattr(constants, name, value)
-    monkeypatch.setattr(hf_api.api, "endpoint", hub.url)
+
+
+def point_client(hub: HubServer, monkeypatch, hf_home: str | os.PathLike) -> None:
+    """isolate_client(), and point this process's already-imported huggingface_hub at `hub` for calls made without
+    `endpoint=` (like job.hub's). Also sets HF_ENDPOINT & co. (client_env) for subprocesses started from the test."""
+    from huggingface_hub import constants, hf_api
+
+    isolate_client(monkeypatch, hf_home)
+    for name, value in client_env(hub, hf_home).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api.api, "endpoint", hub.url)  # the HfApi behind huggingface_hub.upload_folder & co.
 
 
 # -------------------------------------------------------------------- HTTP
@@ -412,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self):
         hub = self.server.hub
         self.close_connection = True
-        self.hit = Hit(self.command, self.path, headers=dict(self.headers))
+        self.hit = Hit(self.command, self.path, headers={k.lower(): v for k, v in self.headers.items()})
         with hub.lock:
             hub.log.append(self.hit)
         body = self._read_body()
@@ -426,8 +453,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._route(url.path, parse_qs(url.query), body, self._user())
         except HttpError as e:
             self._error(e)
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
+        except (ValueError, KeyError, IndexError) as e:  # includes json.JSONDecodeError
             self._error(HttpError(400, f"bad request: {e!r}"))
+        except OSError:  # the client or down() closed the connection
+            self._cut()
+        except Exception as e:  # a bug in this file: a 500 the test can see, and a note in hub.errors
+            with hub.lock:
+                hub.errors.append(f"{line}: {e!r}")
+            self._error(HttpError(500, f"test hub bug: {e!r}"))
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -452,20 +485,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, ctype: str = "application/json",
               stall: tuple[int, float | None] | None = None):
-        self.hit.status = status
         if self.drop and (not body or self.command == "HEAD"):
             return self._cut()  # a lost response: nothing at all
-        self.send_response(status)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command == "HEAD":
-            return
+        self.hit.status = status
         cut_at = len(body) // 2 if self.drop else stall[0] if stall else None
         try:
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command == "HEAD":
+                return
             if cut_at is None:
                 return self.wfile.write(body)
             self.wfile.write(body[:cut_at])  # a lost response (half of it), or a stall
@@ -778,5 +811,5 @@ def _parse_range(value: str, size: int) -> tuple[int | None, int | None]:
     return (start, end) if start <= end and start < size else (None, None)
 
 
-__all__ = ["HubServer", "start_hub", "client_env", "point_client", "HttpError", "Hit", "Blob", "Commit", "Repo",
+__all__ = ["HubServer", "start_hub", "client_env", "isolate_client", "point_client", "HttpError", "Hit", "Blob", "Commit", "Repo",
            "WRITE_TOKEN", "READ_TOKEN", "OTHER_TOKEN", "DEFAULT_TOKENS", "LFS_PATTERNS", "LFS_THRESHOLD"]

@@ -153,8 +153,8 @@ SEED_USER_PROMPT_LIBRARY_JSON = """\
 """
 
 SEED_IGNORED_KEYS = {
-    "validation_torch_compile", "validation_guidance_rescale", "vae_cache_ondemand", "num_eval_images",
-    "eval_steps_interval", "disable_benchmark", "aspect_bucket_rounding",
+    "validation_torch_compile", "validation_guidance_rescale", "vae_cache_ondemand", "disable_benchmark",
+    "aspect_bucket_rounding",
 }
 
 
@@ -406,6 +406,7 @@ def test_seed_config_json_values_land(tmp_path):
     assert s.output.tracker_run_name == "eval_loss_test1"
     assert s.checkpoints.checkpoints_total_limit == 5
     assert s.checkpoints.checkpoint_step_interval == 500
+    assert s.validation.eval_steps_interval == 100 and s.validation.num_eval_images == 1
     assert s.adapter.lycoris_config == config.SEED_LYCORIS_CONFIG
 
 

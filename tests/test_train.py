@@ -20,7 +20,8 @@ from job.pipeline import DEMO_LYCORIS
 
 ALL_LINEAR = json.dumps(DEMO_LYCORIS)
 TINY = dict(resolution=64, resolution_type="pixel", validation_resolution="64x64", push_to_hub="false",
-            mixed_precision="no", gradient_checkpointing="false", optimizer="adamw", flow_schedule_shift="1.0")
+            mixed_precision="no", gradient_checkpointing="false", optimizer="adamw", flow_schedule_shift="1.0",
+            validation_num_inference_steps="2")
 CAPTION = "a red circle"
 
 
