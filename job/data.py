@@ -95,7 +95,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
+    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):  # palette or tRNS colour key
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
         rgba = img.convert("RGBA")
@@ -114,7 +114,8 @@ def oriented_size(path: Path) -> tuple[int, int]:
     """Width and height after EXIF rotation, from the header alone."""
     with Image.open(path) as img:
         w, h = img.size
-        if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+        # pillow already reports a TIFF's size in display orientation; other formats in storage orientation
+        if img.format != "TIFF" and img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
             w, h = h, w
         return w, h
 
@@ -245,27 +246,39 @@ def make_plan(samples: list[Sample], batch_size: int, seed: int) -> Plan:
 
 def cache_latents(samples: list[Sample], cache, encode: Callable[[torch.Tensor], torch.Tensor],
                   batch_size: int) -> dict[int, str]:
-    """Latent cache key per sample index; encodes only what the cache lacks, a bucket's images batched."""
+    """Latent cache key per usable sample index; encodes only what the cache lacks, a bucket's images batched.
+    Images whose pixels cannot be decoded get no key."""
     keys = {i: cache.key(file_digest(s.path), s.bucket, s.geometry) for i, s in enumerate(samples)}
     todo = [i for i in keys if not cache.has(keys[i])]
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i in todo:
         by_bucket.setdefault(samples[i].bucket, []).append(i)
-    t0, done = time.monotonic(), 0
+    t0, done, bad = time.monotonic(), 0, []
     for idx in by_bucket.values():
         for k in range(0, len(idx), batch_size):
-            chunk = idx[k:k + batch_size]
-            pixels = torch.stack([to_tensor(fit(open_image(samples[i].path), samples[i].bucket, samples[i].geometry,
-                                                keys[i])) for i in chunk])
-            latents = encode(pixels)
+            chunk, pixels = [], []
+            for i in idx[k:k + batch_size]:
+                try:
+                    img = open_image(samples[i].path)
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                    bad.append(i)  # a header that reads but pixels that don't (truncated file): skip it
+                    continue
+                chunk.append(i)
+                pixels.append(to_tensor(fit(img, samples[i].bucket, samples[i].geometry, keys[i])))
+            done += len(idx[k:k + batch_size])
+            if not chunk:
+                continue
+            latents = encode(torch.stack(pixels))
             if not torch.isfinite(latents).all():
                 raise DataError(f"the VAE produced non-finite latents for {samples[chunk[0]].path.parent}")
             for i, lat in zip(chunk, latents):
                 cache.put(keys[i], lat)
-            done += len(chunk)
             rate = done / max(time.monotonic() - t0, 1e-9)
             log.info("caching latents %d/%d (%.1f img/s, eta %.0fs)", done, len(todo), rate, (len(todo) - done) / rate)
-    log.info("latents: %d cached before, %d encoded now", len(keys) - len(todo), len(todo))
+    for i in bad:
+        del keys[i]
+    log.info("latents: %d cached before, %d encoded now%s", len(keys) - len(todo) + len(bad), len(todo) - len(bad),
+             f", {len(bad)} undecodable image(s) skipped" if bad else "")
     return keys
 
 

@@ -14,7 +14,7 @@ import torch
 from job import builtin, checkpoint, data, hub, model, outputs, sample
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
-from job.errors import ConfigError
+from job.errors import ConfigError, DataError
 from job.log import MetricsSink, make_tracker, quiet_libraries
 from job.signals import StopFlag
 from job.train import Trainer, eval_loss
@@ -83,9 +83,9 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
 
     # data: every dataset discovered, latents and text embeddings cached (encoders freed after)
     samples, cache_dirs, text_dir = gather_samples(s, geo, out)
-    plan = data.make_plan(samples, t.train_batch_size, t.seed)
     t0 = time.monotonic()
-    latents_of = cache_latents(model_dir, samples, cache_dirs, s.data.vae_batch_size, device)
+    samples, latents_of = cache_latents(model_dir, samples, cache_dirs, s.data.vae_batch_size, device)
+    plan = data.make_plan(samples, t.train_batch_size, t.seed)
     fallback = samples[0].captions[0]  # validation prompt when none is configured
     text_cache, text_keys = cache_text(model_dir, samples, sample.prompts_to_cache(s, fallback), text_dir, device)
     log.info("caching done in %.1fs", time.monotonic() - t0)
@@ -170,8 +170,8 @@ def gather_samples(s: Settings, geo: model.Geometry, out: Path) -> tuple[list, l
 
 
 def cache_latents(model_dir: Path, samples, cache_dirs: list[Path], batch_size: int, device: torch.device):
-    """sample index → (cache, key). The VAE lives only inside this call: loaded once, used for what the
-    caches lack, freed on return."""
+    """(the samples whose images decoded, their index → (cache, key)). The VAE lives only inside this call:
+    loaded once, used for what the caches lack, freed on return."""
     vae = model.load_vae(model_dir, device)
     identity = component_identity(model_dir, "vae")
     latents_of = {}
@@ -181,7 +181,10 @@ def cache_latents(model_dir: Path, samples, cache_dirs: list[Path], batch_size: 
         keys = data.cache_latents([samples[i] for i in idx], cache, lambda px: model.encode_latents(vae, px),
                                   batch_size)
         latents_of.update({idx[j]: (cache, key) for j, key in keys.items()})
-    return latents_of
+    kept = sorted(latents_of)
+    if not kept:
+        raise DataError("no image could be decoded in any dataset")
+    return [samples[i] for i in kept], {n: latents_of[i] for n, i in enumerate(kept)}
 
 
 def cache_text(model_dir: Path, samples, extra: list[str], folder: Path, device: torch.device):

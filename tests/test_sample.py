@@ -19,10 +19,10 @@ LIBRARY = {"circle": "a red circle on a white background", "square": "a blue squ
 def run(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     out = root / "out"
-    r = run_cli("train", **{**TINY, "validation_resolution": "64x64,32x48"}, model_id=tiny_model,
-                dataset_id=builtin.single_image_dataset_dir(root), output_dir=out, max_train_steps=6,
-                lycoris_config=ALL_LINEAR, learning_rate=3e-3, validation_step_interval=3,
-                validation_num_inference_steps=3, user_prompt_library=json.dumps(LIBRARY),
+    r = run_cli("train", **{**TINY, "validation_resolution": "64x64,32x48", "validation_num_inference_steps": 3},
+                model_id=tiny_model, dataset_id=builtin.single_image_dataset_dir(root), output_dir=out,
+                max_train_steps=6, lycoris_config=ALL_LINEAR, learning_rate=3e-3, validation_step_interval=3,
+                user_prompt_library=json.dumps(LIBRARY),
                 validation_prompt="a red circle", eval_steps_interval=2, num_eval_images=1, use_ema="true",
                 ema_decay=0.5, checkpoint_step_interval=6)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -59,7 +59,7 @@ def test_the_adapter_shows_in_later_rounds(run):
 
 def test_same_seed_renders_the_same_image_twice(tiny_model, tmp_path):
     common = dict(**TINY, model_id=tiny_model, dataset_id=builtin.single_image_dataset_dir(tmp_path),
-                  max_train_steps=1, lycoris_config=ALL_LINEAR, validation_num_inference_steps=2)
+                  max_train_steps=1, lycoris_config=ALL_LINEAR)
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         assert run_cli("train", **common, output_dir=out).returncode == 0
