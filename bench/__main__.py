@@ -15,7 +15,7 @@ def main() -> int:
     results: dict[str, float] = {}
     for name in MODULES:
         results.update(importlib.import_module(name).run())
-    width = max(len("metric"), *map(len, results))
+    width = max([len("metric"), *map(len, results)])
     print(f"{'metric':<{width}}  {'value':>12}")
     print(f"{'-' * width}  {'-' * 12}")
     for key, value in results.items():

@@ -312,7 +312,8 @@ class OutputSettings:
     push_to_hub: bool = opt("true", "Push the adapter, samples and model card to HUB_MODEL_ID")
     hub_model_id: str = opt("", "Output model repo on the Hub (user/name)")
     hub_private: bool = opt("true", "Create the output repo as private")
-    push_checkpoints_to_hub: bool = opt("false", "Also upload each checkpoint to the output repo")
+    push_checkpoints_to_hub: bool = opt("false", "Also upload each checkpoint to the output repo (in the background)")
+    hub_retries: int = opt("5", "Attempts for each Hub call before giving up (backoff 1, 2, 4, 8 s...)", _pos_int())
     report_to: str = opt("none", "Tracker: wandb, tensorboard or none", _choice("wandb", "tensorboard", "none"))
     tracker_project_name: str = opt("auraflow-lokr", "Tracker project name")
     tracker_run_name: str = opt("", "Tracker run name (default: derived from HUB_MODEL_ID or OUTPUT_DIR)")
@@ -619,8 +620,6 @@ def not_yet_supported(s: Settings) -> list[str]:
     cannot deliver yet: refused, so a user never walks away from a job that silently skips them."""
     later = " is not supported by this version of the job yet"
     p = []
-    if s.output.push_to_hub:
-        p.append(f"PUSH_TO_HUB=true: pushing to the Hub{later}; set PUSH_TO_HUB=false and upload OUTPUT_DIR yourself")
     if s.output.webhook_url:
         p.append(f"WEBHOOK_URL: webhooks{later}; leave it empty")
     if s.scale.num_processes > 1:

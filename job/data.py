@@ -93,7 +93,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any pillow mode → 8-bit RGB; transparency over white, 16-bit scaled rather than clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        # 16-bit modes are 16-bit whatever their content; plain "I" carries no depth, so judge by the values
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):  # palette or tRNS colour key
         img = img.convert("RGBA")

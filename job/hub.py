@@ -1,16 +1,28 @@
-"""Every Hugging Face Hub call: resolving the model and dataset into local folders.
+"""Every Hugging Face Hub call: preflight, pulls, the final push, checkpoint uploads, retries.
 
 No torch here. A reference that is an existing local folder is used as it is; anything else is a
 Hub repo id, downloaded (safetensors only, never pickles or remote code) into HF_HOME's cache.
+huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE and HF_HUB_DISABLE_XET itself; the CLI
+exports them before this module is imported.
+
+huggingface_hub 2.4 retries some calls itself (file transfers, preupload, LFS) but not repo_info,
+whoami, create_repo or the commit POST; `retry` covers those against transient failures.
 """
 from __future__ import annotations
 
 import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from job.errors import HubAccessError
+from job.errors import HubAccessError, PushError
 
 log = logging.getLogger("job")
+T = TypeVar("T")
 
 MODEL_FILES = [
     "model_index.json", "scheduler/*.json", "tokenizer/*",
@@ -20,11 +32,43 @@ MODEL_FILES = [
 ]
 NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.py", "*.fp16.safetensors"]
 CONFIG_FILES = ["model_index.json", "transformer/config.json", "vae/config.json"]
+PUSHED = ["pytorch_lora_weights.safetensors", "lycoris_config.json", "training_config.json", "README.md",
+          "loss.png", "samples/*.png", "samples/step-*/*.png"]
+RETRY_BASE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Pulled:
+    path: Path
+    commit: str | None  # None for a local folder
 
 
 def local_folder(ref: str) -> Path | None:
     p = Path(ref).expanduser()
     return p.resolve() if p.is_dir() else None
+
+
+def _transient(e: Exception) -> bool:
+    """Connection trouble, 408/429 and 5xx: worth another try. Anything else is an answer."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(e.response, "status_code", None)
+        return status is None or status in (408, 429) or status >= 500
+    return isinstance(e, (ConnectionError, TimeoutError, OSError)) or "httpx" in type(e).__module__
+
+
+def retry(what: str, fn: Callable[[], T], attempts: int) -> T:
+    for n in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if not _transient(e) or n == attempts - 1:
+                raise
+            wait = RETRY_BASE_S * 2 ** n
+            log.warning("%s: %s; retrying in %.0fs (%d/%d)", what, type(e).__name__, wait, n + 1, attempts - 1)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _hub_error(what: str, ref: str, e: Exception) -> HubAccessError:
@@ -36,39 +80,181 @@ def _hub_error(what: str, ref: str, e: Exception) -> HubAccessError:
         RevisionNotFoundError,
     )
 
+    status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, GatedRepoError):
         return HubAccessError(f"{what} {ref} is gated: accept its terms at https://huggingface.co/{ref} "
-                              "with the account of HF_TOKEN")
+                              "with the account of HF_TOKEN, then start again")
     if isinstance(e, RepositoryNotFoundError):
         return HubAccessError(f"{what} {ref} not found on the Hub (or HF_TOKEN cannot see it)")
     if isinstance(e, RevisionNotFoundError):
         return HubAccessError(f"{what} {ref}: revision not found")
-    if isinstance(e, LocalEntryNotFoundError):
-        return HubAccessError(f"{what} {ref}: the Hub is unreachable and nothing is cached")
+    if status == 401:
+        return HubAccessError(f"{what} {ref}: HF_TOKEN was refused (401): check the token")
+    if isinstance(e, LocalEntryNotFoundError) or _transient(e):
+        return HubAccessError(f"{what} {ref}: the Hub is unreachable ({type(e).__name__}) and nothing is cached")
     if isinstance(e, HfHubHTTPError):
-        return HubAccessError(f"{what} {ref}: Hub error {e.__class__.__name__}")
-    return HubAccessError(f"{what} {ref}: {e.__class__.__name__}")
+        return HubAccessError(f"{what} {ref}: Hub error {status}")
+    return HubAccessError(f"{what} {ref}: {type(e).__name__}")
 
 
-def _snapshot(ref: str, revision: str, token: str, repo_type: str, allow: list[str] | None,
-              what: str) -> Path:
+# ---------------------------------------------------------------- preflight
+
+def preflight(*, token: str, model: tuple[str, str], datasets: list[tuple[str, str]], output_repo: str | None,
+              attempts: int) -> None:
+    """Token valid, model and datasets readable, output repo creatable or writable: each failure exits 3
+    with a precise message, before any weights move."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token or None)
+    user = None
+    if token:
+        try:
+            user = retry("whoami", lambda: api.whoami(), attempts)
+        except Exception as e:
+            raise _hub_error("HF_TOKEN", "check", e) from None
+    for kind, (ref, revision) in [("model", model)] + [("dataset", d) for d in datasets]:
+        if local_folder(ref):
+            continue
+        try:
+            retry(f"{kind} {ref}", lambda r=ref, v=revision, k=kind: api.repo_info(r, revision=v, repo_type=k),
+                  attempts)
+        except Exception as e:
+            raise _hub_error(kind, ref, e) from None
+    if output_repo:
+        if user is None:
+            raise HubAccessError("HF_TOKEN is required to push")
+        role = user.get("auth", {}).get("accessToken", {}).get("role")
+        namespaces = {user.get("name")} | {o.get("name") for o in user.get("orgs", [])}
+        owner = output_repo.split("/")[0]
+        if role == "read":
+            raise HubAccessError(f"HUB_MODEL_ID {output_repo}: HF_TOKEN is a read-only token; use a write token")
+        if owner not in namespaces:
+            raise HubAccessError(f"HUB_MODEL_ID {output_repo}: HF_TOKEN's user {user.get('name')} cannot write to "
+                                 f"{owner} (its namespaces: {', '.join(sorted(n for n in namespaces if n))})")
+
+
+# ---------------------------------------------------------------- pulls
+
+def _snapshot(ref: str, revision: str, token: str, repo_type: str, allow: list[str] | None, what: str,
+              attempts: int) -> Pulled:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ref, revision=revision, repo_type=repo_type, token=token or None,
-                                      allow_patterns=allow, ignore_patterns=NEVER))
-    except Exception as e:  # every failure of the client becomes exit 3 with a precise message
+        path = retry(f"download {what} {ref}", lambda: snapshot_download(
+            ref, revision=revision, repo_type=repo_type, token=token or None, allow_patterns=allow,
+            ignore_patterns=NEVER), attempts)
+    except Exception as e:
         raise _hub_error(what, ref, e) from None
+    return Pulled(Path(path), Path(path).name)  # snapshots/<commit sha>
 
 
-def model_configs(ref: str, revision: str, token: str) -> Path:
+def model_configs(ref: str, revision: str, token: str, attempts: int = 3) -> Path:
     """A folder holding the model's small config files only (for validation before any weights move)."""
-    return local_folder(ref) or _snapshot(ref, revision, token, "model", CONFIG_FILES, "model")
+    return local_folder(ref) or _snapshot(ref, revision, token, "model", CONFIG_FILES, "model", attempts).path
 
 
-def pull_model(ref: str, revision: str, token: str) -> Path:
-    return local_folder(ref) or _snapshot(ref, revision, token, "model", MODEL_FILES, "model")
+def pull_model(ref: str, revision: str, token: str, attempts: int = 3) -> Pulled:
+    folder = local_folder(ref)
+    return Pulled(folder, None) if folder else _snapshot(ref, revision, token, "model", MODEL_FILES, "model", attempts)
 
 
-def pull_dataset(ref: str, revision: str, token: str) -> Path:
-    return local_folder(ref) or _snapshot(ref, revision, token, "dataset", None, "dataset")
+def pull_dataset(ref: str, revision: str, token: str, attempts: int = 3) -> Pulled:
+    folder = local_folder(ref)
+    return Pulled(folder, None) if folder else _snapshot(ref, revision, token, "dataset", None, "dataset", attempts)
+
+
+# ---------------------------------------------------------------- pushes
+
+def push_command(out: Path, repo: str) -> str:
+    includes = " ".join(f"--include '{p}'" for p in PUSHED)
+    return f"hf upload {repo} {out} . {includes} --commit-message 'LoKr adapter'"
+
+
+def push(out: Path, repo: str, *, token: str, private: bool, attempts: int) -> str:
+    """create_repo, then one commit with the adapter, configs, card and samples; exit 6 (local output kept)
+    when the Hub still refuses after retries. Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        retry("create repo", lambda: api.create_repo(repo, private=private, exist_ok=True), attempts)
+        info = retry("upload", lambda: api.upload_folder(repo_id=repo, folder_path=str(out), allow_patterns=PUSHED,
+                                                         commit_message="LoKr adapter, samples and model card"),
+                     attempts)
+    except Exception as e:
+        raise PushError(f"push to {repo} failed ({type(e).__name__}); the complete output is kept in {out}. "
+                        f"Push it later with: {push_command(out, repo)}") from None
+    log.info("pushed to %s", info.commit_url if hasattr(info, "commit_url") else repo)
+    return str(getattr(info, "commit_url", repo))
+
+
+class CheckpointUploader:
+    """Uploads checkpoints to `checkpoints/checkpoint-N/` of the output repo in a background thread, so
+    training never waits; keeps the Hub's copies to the same limit as the local ones."""
+
+    def __init__(self, repo: str, *, token: str, private: bool, limit: int, attempts: int):
+        self.repo, self.token, self.private, self.limit, self.attempts = repo, token, private, limit, attempts
+        self._thread: threading.Thread | None = None
+        self.failures: list[str] = []
+
+    def submit(self, folder: Path) -> None:
+        self.wait()  # one upload at a time, in order
+        self._thread = threading.Thread(target=self._upload, args=(folder,), daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _upload(self, folder: Path) -> None:
+        from huggingface_hub import CommitOperationDelete, HfApi
+
+        api = HfApi(token=self.token)
+        try:
+            retry("create repo", lambda: api.create_repo(self.repo, private=self.private, exist_ok=True),
+                  self.attempts)
+            existing = [s for s in hub_checkpoints(api, self.repo) if f"checkpoint-{s}" != folder.name]
+            doomed = existing[:max(0, len(existing) - (self.limit - 1))] if self.limit else []
+            retry("checkpoint upload", lambda: api.upload_folder(
+                repo_id=self.repo, folder_path=str(folder), path_in_repo=f"checkpoints/{folder.name}",
+                commit_message=folder.name), self.attempts)
+            if doomed:
+                ops = [CommitOperationDelete(path_in_repo=f"checkpoints/checkpoint-{s}/") for s in doomed]
+                retry("checkpoint rotation", lambda: api.create_commit(self.repo, ops, commit_message="rotate"),
+                      self.attempts)
+            log.info("uploaded %s to %s", folder.name, self.repo)
+        except Exception as e:  # never stops training; the local checkpoint is intact
+            self.failures.append(folder.name)
+            log.warning("checkpoint upload of %s failed (%s); it stays local", folder.name, type(e).__name__)
+
+
+def hub_checkpoints(api, repo: str) -> list[int]:
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        entries = api.list_repo_tree(repo, path_in_repo="checkpoints")
+        names = [Path(e.path).name for e in entries]
+    except (RepositoryNotFoundError, EntryNotFoundError):
+        return []
+    return sorted(int(n.split("-")[1]) for n in names if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
+
+
+def fetch_latest_checkpoint(repo: str, dest: Path, *, token: str, attempts: int) -> Path | None:
+    """A fresh pod after preemption: the newest checkpoint on the Hub, downloaded into `dest`."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi(token=token)
+    try:
+        steps = retry("list checkpoints", lambda: hub_checkpoints(api, repo), attempts)
+        if not steps:
+            return None
+        name = f"checkpoint-{steps[-1]}"
+        tmp = dest / f".{name}.download"
+        retry("download checkpoint", lambda: snapshot_download(repo, token=token, allow_patterns=[f"checkpoints/{name}/*"],
+                                                               local_dir=str(tmp)), attempts)
+    except Exception as e:
+        raise _hub_error("checkpoints of", repo, e) from None
+    dest.mkdir(parents=True, exist_ok=True)
+    (tmp / "checkpoints" / name).replace(dest / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest / name

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, checkpoint, data, hub, model, outputs, sample
+from job import builtin, card, checkpoint, data, hub, model, outputs, sample
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
 from job.errors import ConfigError, DataError
@@ -20,6 +20,8 @@ from job.signals import StopFlag
 from job.train import Trainer, eval_loss
 
 log = logging.getLogger("job")
+
+UPLOAD_GRACE_S = 60.0  # how long the end of a run waits for a checkpoint upload still in flight
 
 # LoKr over every Linear of the transformer: the seed's Attention-only preset barely moves a tiny model.
 DEMO_LYCORIS = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 4,
@@ -58,9 +60,15 @@ def run(command: str, settings: Settings) -> None:
 
 
 def preflight(s: Settings, device: torch.device) -> model.Geometry:
-    """Everything that can be refused before weights move: device needs, the model's patch grid."""
+    """Everything that can be refused before weights move: Hub access, device needs, the model's patch grid."""
     problems = model.device_problems(s, device)
-    config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token)
+    if problems:
+        raise ConfigError(problems)
+    o = s.output
+    hub.preflight(token=s.access.hf_token, model=(s.model_id, s.model.model_revision),
+                  datasets=[(spec.source, s.data.dataset_revision) for spec in datasets(s)[0]],
+                  output_repo=o.hub_model_id if o.push_to_hub else None, attempts=o.hub_retries)
+    config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries)
     geo = model.read_geometry(config_dir)
     problems += model.geometry_problems(s, geo, [spec.resolution for spec in datasets(s)[0]])
     problems += model.adapter_problems(config_dir, s.adapter.lycoris_config)
@@ -79,10 +87,12 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stop = StopFlag().install()
     t = s.training
-    model_dir = hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token)
+    o = s.output
+    pulled = hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries)
+    model_dir = pulled.path
 
     # data: every dataset discovered, latents and text embeddings cached (encoders freed after)
-    samples, cache_dirs, text_dir = gather_samples(s, geo, out)
+    samples, cache_dirs, text_dir, sources = gather_samples(s, geo, out)
     t0 = time.monotonic()
     samples, latents_of = cache_latents(model_dir, samples, cache_dirs, s.data.vae_batch_size, device)
     plan = data.make_plan(samples, t.train_batch_size, t.seed)
@@ -99,9 +109,13 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     log.info("adapter: %d LyCORIS modules, %d trainable parameters", len(network.loras),
              sum(p.numel() for p in network.parameters() if p.requires_grad))
 
+    uploader = (hub.CheckpointUploader(o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
+                                       limit=s.checkpoints.checkpoints_total_limit, attempts=o.hub_retries)
+                if o.push_checkpoints_to_hub else None)
     trainer = Trainer(transformer, network, fetch, t, total, geo.patch_size, device, model.train_dtype(s),
                       out / "checkpoints", s.checkpoints.checkpoint_step_interval,
-                      s.checkpoints.checkpoints_total_limit, should_stop=stop)
+                      s.checkpoints.checkpoints_total_limit, should_stop=stop,
+                      on_checkpoint=uploader.submit if uploader else (lambda path: None))
     resume = resume_point(s, out / "checkpoints")
     if resume:
         trainer.resume(resume)
@@ -109,7 +123,6 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
                                  lambda prompt: text_cache.get(text_keys[prompt]), device, fallback)
     trainer.hooks = [eval_hook(s, trainer, samples, latents_of, text_cache, text_keys),
                      lambda step: validate(trainer, validator, step) if validator.due(step) else None]
-    o = s.output
     tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
                            o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
     trainer.metrics = MetricsSink(out / "metrics.jsonl", resume_step=trainer.step, tracker=tracker)
@@ -119,14 +132,23 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
         trainer.run()
     finally:
         trainer.metrics.close()
+        if uploader:
+            uploader.wait(timeout=UPLOAD_GRACE_S)  # a stopped pod gets its last checkpoint onto the Hub
 
     # outputs: the adapter (EMA weights when on), final samples, loss plot, resolved settings
     with trainer.final_weights():
         model.save_adapter(network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
         validator.render(trainer.step, final=True)
     sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
-    outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), "resolved_total_steps": total})
+    resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
+                "dataset_commits": {ref: commit for ref, commit in sources}}
+    outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})
+    finals = [(f"samples/{p.name}", prompt) for p, prompt in validator.finals()]
+    card.write(out / "README.md", card.render(s, repo=o.hub_model_id or out.name, model_commit=pulled.commit,
+                                              datasets=sources, samples=finals, steps_done=trainer.step))
     log.info("done: %s", out / outputs.ADAPTER_FILE)
+    if o.push_to_hub:
+        hub.push(out, o.hub_model_id, token=s.access.hf_token, private=o.hub_private, attempts=o.hub_retries)
 
 
 def validate(trainer: Trainer, validator: sample.Validator, step: int) -> None:
@@ -151,22 +173,24 @@ def eval_hook(s: Settings, trainer: Trainer, samples, latents_of, text_cache, te
     return hook
 
 
-def gather_samples(s: Settings, geo: model.Geometry, out: Path) -> tuple[list, list[Path], Path]:
+def gather_samples(s: Settings, geo: model.Geometry, out: Path):
     """Every dataset pulled and discovered with its own geometry: (samples, each one's latent cache folder,
-    the text-embedding cache folder)."""
+    the text-embedding cache folder, (source, commit) of each dataset)."""
     specs, text_dir, _, warnings = datasets(s)
     for w in warnings:
         log.warning("%s", w)
-    samples, cache_dirs = [], []
+    samples, cache_dirs, sources = [], [], []
     for spec in specs:
-        folder = hub.pull_dataset(spec.source, s.data.dataset_revision, s.access.hf_token)
+        pulled = hub.pull_dataset(spec.source, s.data.dataset_revision, s.access.hf_token, s.output.hub_retries)
+        folder = pulled.path
+        sources.append((spec.source, pulled.commit))
         g = data.Geometry(spec.resolution, spec.resolution_type, spec.crop, spec.crop_style, spec.crop_aspect,
                           geo.pixel_step, int(geo.pos_embed_max_size ** 0.5) * geo.pixel_step)
         found = data.discover(folder, spec.caption_strategy, spec.instance_prompt, g, repeats=spec.repeats,
                               minimum_image_size=spec.minimum_image_size)
         samples += found
         cache_dirs += [Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"] * len(found)
-    return samples, cache_dirs, Path(text_dir) if text_dir else out / "cache" / "text"
+    return samples, cache_dirs, Path(text_dir) if text_dir else out / "cache" / "text", sources
 
 
 def cache_latents(model_dir: Path, samples, cache_dirs: list[Path], batch_size: int, device: torch.device):
@@ -197,11 +221,15 @@ def cache_text(model_dir: Path, samples, extra: list[str], folder: Path, device:
 
 
 def resume_point(s: Settings, ckpt_dir: Path) -> Path | None:
-    rc = s.checkpoints.resume_from_checkpoint
+    rc, o = s.checkpoints.resume_from_checkpoint, s.output
     if rc == "none":
         return None
     if rc == "latest":
-        return checkpoint.latest(ckpt_dir)
+        local = checkpoint.latest(ckpt_dir)
+        if local or not (o.push_checkpoints_to_hub and o.hub_model_id):
+            return local
+        return hub.fetch_latest_checkpoint(o.hub_model_id, ckpt_dir, token=s.access.hf_token,
+                                           attempts=o.hub_retries)  # a fresh pod after preemption
     path = ckpt_dir / rc if (ckpt_dir / rc).is_dir() else Path(rc)
     if not path.is_dir():
         raise ConfigError([f"RESUME_FROM_CHECKPOINT={rc!r}: no such checkpoint"])

@@ -103,6 +103,10 @@ class Validator:
         log.info("validation: %d image(s) for step %d in %s", len(self.jobs), step, folder)
         return self._promote(folder) if final else sorted(folder.glob("*.png"))
 
+    def finals(self) -> list[tuple[Path, str]]:
+        """The final images with their prompts, for the model card."""
+        return [(self.out / f"{j.name}.png", j.prompt) for j in self.jobs if (self.out / f"{j.name}.png").is_file()]
+
     def _promote(self, folder: Path) -> list[Path]:
         """The final round also goes to samples/<nickname>.png (the model card's images)."""
         finals = []
