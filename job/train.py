@@ -211,9 +211,9 @@ class Trainer:
         meta = {"micro_batches_done": self.step * self.t.gradient_accumulation_steps,
                 "total_steps": self.total_steps}
         path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta)
+        self.on_checkpoint(path)  # first: an upload still reading an older checkpoint finishes before rotation
         removed = checkpoint.rotate(self.checkpoint_dir, self.checkpoints_total_limit)
         log.info("checkpoint %s written%s", path.name, f" ({len(removed)} old removed)" if removed else "")
-        self.on_checkpoint(path)
         return path
 
     def resume(self, path: Path) -> None:

@@ -339,6 +339,11 @@ class HubServer:
     def release(self) -> None:
         self._release.set()
 
+    def clear_faults(self) -> None:
+        """Forget every pending fail/drop rule (tests that inject many must not leak them to the next)."""
+        with self.lock:
+            self._rules.clear()
+
     def _take_rule(self, request_line: str) -> _Rule | None:
         with self.lock:
             for rule in self._rules:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 from PIL import Image
 
+from conftest import run_cli
 from job import builtin, config, data, model, pipeline
 from job.cache import TensorCache
 from job.errors import DataError

@@ -16,16 +16,6 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from hubserver import (
-    OTHER_TOKEN,
-    READ_TOKEN,
-    WRITE_TOKEN,
-    HubServer,
-    client_env,
-    isolate_client,
-    point_client,
-    start_hub,
-)
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -35,6 +25,17 @@ from huggingface_hub.errors import (
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+)
+
+from hubserver import (
+    OTHER_TOKEN,
+    READ_TOKEN,
+    WRITE_TOKEN,
+    HubServer,
+    client_env,
+    isolate_client,
+    point_client,
+    start_hub,
 )
 
 THRESHOLD = 64 * 1024  # files this big go to LFS (and *.safetensors at any size)

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import ALL_LINEAR, TINY
 
+from conftest import run_cli
 from job import builtin
+from test_train import ALL_LINEAR, TINY
 
 LIBRARY = {"circle": "a red circle on a white background", "square": "a blue square"}
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from test_train import ALL_LINEAR, TINY
 
+from conftest import run_cli
 from job import builtin
+from test_train import ALL_LINEAR, TINY
 
 TOKEN = "hf_" + "Q" * 34
 WANDB_KEY = "f" * 40

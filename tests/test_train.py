@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
 from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
 from lycoris import create_lycoris_from_weights
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from job import builtin, model
 from job.pipeline import DEMO_LYCORIS
 

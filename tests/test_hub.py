@@ -1,0 +1,107 @@
+"""The job against a Hub-compatible server on 127.0.0.1, through the real huggingface_hub client in a subprocess:
+pull, preflight failures (exit 3), push with the card and samples, retries, exit 6, checkpoints on the Hub."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from conftest import run_cli
+from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, start_hub
+from job import builtin
+from test_train import ALL_LINEAR, TINY
+
+MODEL, DATA = "tester/tiny-auraflow", "tester/one-circle"
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_model, tmp_path_factory):
+    server = start_hub(lfs_threshold=8 * 1024)  # the adapter goes the LFS way, configs the regular way
+    server.model_commit = server.add_repo(MODEL, tree(tiny_model))
+    server.add_repo(DATA, tree(builtin.single_image_dataset_dir(tmp_path_factory.mktemp("d"))), repo_type="dataset")
+    server.add_repo("mallory/gated-auraflow", tree(tiny_model), gated=True)
+    yield server
+    server.stop()
+
+
+def train(hub, tmp_path, *args, **settings):
+    base = dict(**TINY, model_id=MODEL, dataset_id=DATA, lycoris_config=ALL_LINEAR, max_train_steps=4,
+                output_dir=tmp_path / "out", hf_token=WRITE_TOKEN, hf_endpoint=hub.url, hf_home=tmp_path / "hf",
+                hf_hub_offline="0", hf_hub_disable_xet="1", hub_retries=3)
+    return run_cli(*(args or ("train",)), **{**base, **settings})
+
+
+def test_pull_train_push_end_to_end(hub, tmp_path):
+    r = train(hub, tmp_path, push_to_hub="true", hub_model_id="tester/lokr", validation_prompt="a red circle")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, pushed = tmp_path / "out", hub.files("tester/lokr")
+    for name in ("pytorch_lora_weights.safetensors", "lycoris_config.json", "training_config.json", "README.md",
+                 "loss.png", "samples/validation.png", "samples/step-000000/validation.png"):
+        assert pushed[name] == (out / name).read_bytes(), name
+    assert not any(k.startswith("cache/") or k.startswith("checkpoints/") for k in pushed)
+    card = ModelCard(pushed["README.md"].decode())
+    meta = card.data.to_dict()
+    assert meta["base_model"] == MODEL and meta["pipeline_tag"] == "text-to-image"
+    assert {"lycoris", "auraflow", "lokr"} <= set(meta["tags"])
+    assert meta["widget"] == [{"text": "a red circle", "output": {"url": "samples/validation.png"}}]
+    assert "create_lycoris_from_weights(1.0, adapter, pipe.transformer)" in card.text
+    resolved = json.loads(pushed["training_config.json"])
+    assert resolved["model_commit"] == hub.model_commit and DATA in resolved["dataset_commits"]
+    assert WRITE_TOKEN not in r.stderr + r.stdout and all(WRITE_TOKEN.encode() not in v for v in pushed.values())
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"hf_token": "hf_wrong_token_for_sure"}, "HF_TOKEN was refused"),
+    ({"model_id": "mallory/gated-auraflow"}, "is gated: accept its terms at https://huggingface.co/mallory/gated"),
+    ({"dataset_id": "tester/no-such-dataset"}, "dataset tester/no-such-dataset not found"),
+    ({"push_to_hub": "true", "hub_model_id": "tester/x", "hf_token": READ_TOKEN}, "read-only token"),
+    ({"push_to_hub": "true", "hub_model_id": "tester/x", "hf_token": OTHER_TOKEN}, "cannot write to tester"),
+])
+def test_hub_access_problems_exit_3_before_any_weights_move(hub, tmp_path, settings, needle):
+    hub.clear_log()
+    r = train(hub, tmp_path, "check", **settings)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert needle in r.stderr
+    assert not hub.requests("GET", ".safetensors")  # preflight fetched no weights
+
+
+def test_push_retries_a_failed_commit(hub, tmp_path):
+    hub.fail_next(1, status=503, match="/commit/")
+    r = train(hub, tmp_path, push_to_hub="true", hub_model_id="tester/retried", max_train_steps=1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "retrying" in r.stderr
+    assert hub.files("tester/retried")["pytorch_lora_weights.safetensors"] == (
+        tmp_path / "out" / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def test_hub_down_at_the_end_exits_6_and_keeps_everything(hub, tmp_path):
+    hub.fail_next(20, status=503, match="/commit/")
+    try:
+        r = train(hub, tmp_path, push_to_hub="true", hub_model_id="tester/never", max_train_steps=1, hub_retries=2)
+    finally:
+        hub.clear_faults()
+    assert r.returncode == 6, r.stderr[-2000:]
+    out = tmp_path / "out"
+    for name in ("pytorch_lora_weights.safetensors", "README.md", "training_config.json", "samples/validation.png"):
+        assert (out / name).is_file(), name
+    assert f"hf upload tester/never {out}" in r.stderr
+
+
+def test_checkpoints_go_to_the_hub_and_a_fresh_pod_resumes_from_them(hub, tmp_path):
+    common = dict(push_to_hub="true", hub_model_id="tester/ckpt", push_checkpoints_to_hub="true",
+                  checkpoint_step_interval=2, checkpoints_total_limit=1)
+    r = train(hub, tmp_path / "pod1", **common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = {k.split("/")[1] for k in hub.files("tester/ckpt") if k.startswith("checkpoints/")}
+    assert names == {"checkpoint-4"}  # rotated to CHECKPOINTS_TOTAL_LIMIT on the Hub too
+    r = train(hub, tmp_path / "pod2", **{**common, "max_train_steps": 6})  # a new volume: nothing local
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr and "(step 4 of 6)" in r.stderr
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "pod2" / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 6]
