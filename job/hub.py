@@ -50,8 +50,10 @@ def local_folder(ref: str) -> Path | None:
 
 def _transient(e: Exception) -> bool:
     """Connection trouble, 408/429 and 5xx: worth another try. Anything else is an answer."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if isinstance(e, OfflineModeIsEnabled):
+        return False
     if isinstance(e, HfHubHTTPError):
         status = getattr(e.response, "status_code", None)
         return status is None or status in (408, 429) or status >= 500
@@ -105,6 +107,9 @@ def preflight(*, token: str, model: tuple[str, str], datasets: list[tuple[str, s
     with a precise message, before any weights move."""
     from huggingface_hub import HfApi
 
+    remote = [ref for ref, _ in [model, *datasets] if not local_folder(ref)]
+    if not remote and not output_repo:
+        return  # nothing on the Hub to check (a local model and data, no push)
     api = HfApi(token=token or None)
     user = None
     if token:

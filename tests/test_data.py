@@ -415,7 +415,7 @@ def test_data_backend_config_datasets_keep_their_own_settings(tmp_path):
     s = config.build_settings([{"data_backend_config": json.dumps(entries), "push_to_hub": "false"}])
     specs, text_dir, problems, _ = config.datasets(s)
     assert problems == [] and [sp.id for sp in specs] == ["photos", "named"]
-    samples, cache_dirs, text_cache = pipeline.gather_samples(s, TINY_GRID, tmp_path / "out")
+    samples, cache_dirs, text_cache, _ = pipeline.gather_samples(s, TINY_GRID, tmp_path / "out")
     assert text_cache == tmp_path / "text-cache"
     assert [(s.path.parent.name, s.repeats, s.bucket) for s in samples] == \
         [("photos", 1, (64, 44))] * 3 + [("named", 3, (32, 32))] * 2
