@@ -65,11 +65,34 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+class StatusFile:
+    """OUTPUT_DIR/status.json for health checks, scripts and people with a shell: phase, step, total, last loss,
+    throughput, ETA, last checkpoint, last error. Rewritten atomically, at most every `interval` seconds unless
+    forced, so a reader never sees half a file."""
+
+    def __init__(self, path: Path | None, interval: float = 2.0):
+        self.path, self.interval, self.last = path, interval, -math.inf
+        self.state: dict = {"phase": "starting", "step": 0, "total_steps": None, "loss": None, "it_per_s": None,
+                            "eta_s": None, "last_checkpoint": None, "last_error": None}
+
+    def update(self, force: bool = False, **fields) -> None:
+        self.state.update(fields)
+        now = time.monotonic()
+        if self.path is None or not (force or "phase" in fields or now - self.last >= self.interval):
+            return
+        self.last = now
+        self.state["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(redact(json.dumps(self.state, indent=1)), encoding="utf-8")
+        tmp.replace(self.path)
+
+
 class Progress:
     """One concise line every `interval` seconds (and at the first and last step): no '\\r' spam in pod logs."""
 
-    def __init__(self, total: int, start_step: int = 0, interval: float = 10.0):
+    def __init__(self, total: int, start_step: int = 0, interval: float = 10.0, status: StatusFile | None = None):
         self.total, self.start_step, self.interval = total, start_step, interval
+        self.status = status or StatusFile(None)
         self.t0 = time.monotonic()
         self.last_print = -math.inf
 
@@ -84,6 +107,9 @@ class Progress:
 
     def update(self, step: int, loss: float, lr: float) -> None:
         now = time.monotonic()
+        eta = self.eta(step)
+        self.status.update(step=step, total_steps=self.total, loss=loss, it_per_s=round(self.rate(step), 4),
+                           eta_s=round(eta, 1) if math.isfinite(eta) else None)
         if step in (self.start_step + 1, self.total) or now - self.last_print >= self.interval:
             self.last_print = now
             log.info("step %d/%d loss %.4f lr %.3g %.2f it/s eta %s", step, self.total, loss, lr,

@@ -1,9 +1,12 @@
 """The run's final files in OUTPUT_DIR, each written under a temporary name and renamed."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
+
+from job.errors import ConfigError
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 
@@ -28,3 +31,37 @@ def loss_series(metrics: Path) -> dict[str, list[tuple[int, float]]]:
             if k in row:
                 series[k].append((row["step"], row[k]))
     return {k: v for k, v in series.items() if v}
+
+
+COMPLETION = "completed.json"
+# Settings that change how a run is carried out or reported, not what it produces.
+OPERATIONAL = {"output_dir", "hub_retries", "report_to", "tracker_project_name", "tracker_run_name", "webhook_url",
+               "pod_action_on_success", "pod_action_on_failure", "hf_home", "hf_endpoint", "wandb_mode",
+               "num_processes", "resume_from_checkpoint", "push_checkpoints_to_hub", "vae_batch_size"}
+
+
+def result_settings(public: dict) -> dict:
+    return {k: v for k, v in sorted(public.items()) if k not in OPERATIONAL}
+
+
+def finished_run(out: Path, public: dict) -> dict | None:
+    """The completion record when `out` holds a run finished with these settings; None when it holds no finished
+    run; a ConfigError (exit 2, nothing touched) when it holds one finished with other settings."""
+    path = out / COMPLETION
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    now = result_settings(public)
+    changed = sorted(k for k in set(now) | set(record["settings"]) if now.get(k) != record["settings"].get(k))
+    if changed:
+        raise ConfigError([f"OUTPUT_DIR={out} holds a finished run with other settings ({', '.join(changed)}); "
+                           "its files are left as they are: start a new run with a new OUTPUT_DIR"])
+    return record
+
+
+def write_completion(out: Path, public: dict, pushed: str | None) -> dict:
+    adapter = out / ADAPTER_FILE
+    record = {"settings": result_settings(public), "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest(),
+              "pushed": pushed}
+    write_json(out / COMPLETION, record)
+    return record

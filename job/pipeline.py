@@ -14,8 +14,8 @@ import torch
 from job import builtin, card, checkpoint, data, hub, model, outputs, sample
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
-from job.errors import ConfigError, DataError
-from job.log import MetricsSink, make_tracker, quiet_libraries
+from job.errors import ConfigError, DataError, Interrupted, JobError
+from job.log import MetricsSink, StatusFile, make_tracker, quiet_libraries
 from job.signals import StopFlag
 from job.train import Trainer, eval_loss
 
@@ -48,6 +48,10 @@ def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def run(command: str, settings: Settings) -> None:
+    out = Path(settings.output.output_dir)
+    if command != "check" and outputs.finished_run(out, settings.public_dict()):
+        log.info("%s already holds this run, finished (%s); nothing to do", out, outputs.COMPLETION)
+        return
     quiet_libraries()
     device = model.pick_device()
     geo = preflight(settings, device)
@@ -56,7 +60,13 @@ def run(command: str, settings: Settings) -> None:
     if command == "demo":
         log.info("demo: tiny built-in AuraFlow, toy shapes, LoKr over all Linear layers (not the seed's "
                  "Attention-only preset, which cannot move a model this small)")
-    train(settings, device, geo)
+    out.mkdir(parents=True, exist_ok=True)
+    status = StatusFile(out / "status.json")
+    try:
+        train(settings, device, geo, status)
+    except JobError as e:
+        status.update(phase="interrupted" if isinstance(e, Interrupted) else "failed", last_error=str(e))
+        raise
 
 
 def preflight(s: Settings, device: torch.device) -> model.Geometry:
@@ -82,17 +92,18 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
     return geo
 
 
-def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
+def train(s: Settings, device: torch.device, geo: model.Geometry, status: StatusFile) -> None:
     out = Path(s.output.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stop = StopFlag().install()
     t = s.training
     o = s.output
+    status.update(phase="download")
     pulled = hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries)
     model_dir = pulled.path
 
     # data: every dataset discovered, latents and text embeddings cached (encoders freed after)
     samples, cache_dirs, text_dir, sources = gather_samples(s, geo, out)
+    status.update(phase="caching")
     t0 = time.monotonic()
     samples, latents_of = cache_latents(model_dir, samples, cache_dirs, s.data.vae_batch_size, device)
     plan = data.make_plan(samples, t.train_batch_size, t.seed)
@@ -114,7 +125,7 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
                 if o.push_checkpoints_to_hub else None)
     trainer = Trainer(transformer, network, fetch, t, total, geo.patch_size, device, model.train_dtype(s),
                       out / "checkpoints", s.checkpoints.checkpoint_step_interval,
-                      s.checkpoints.checkpoints_total_limit, should_stop=stop,
+                      s.checkpoints.checkpoints_total_limit, should_stop=stop, status=status,
                       on_checkpoint=uploader.submit if uploader else (lambda path: None))
     resume = resume_point(s, out / "checkpoints")
     if resume:
@@ -126,6 +137,7 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
                            o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
     trainer.metrics = MetricsSink(out / "metrics.jsonl", resume_step=trainer.step, tracker=tracker)
+    status.update(phase="training", step=trainer.step, total_steps=total)
     try:
         if trainer.step == 0:
             validator.render(0)  # the base model, for comparison
@@ -136,6 +148,7 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
             uploader.wait(timeout=UPLOAD_GRACE_S)  # a stopped pod gets its last checkpoint onto the Hub
 
     # outputs: the adapter (EMA weights when on), final samples, loss plot, resolved settings
+    status.update(phase="sampling")
     with trainer.final_weights():
         model.save_adapter(network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
         validator.render(trainer.step, final=True)
@@ -147,8 +160,13 @@ def train(s: Settings, device: torch.device, geo: model.Geometry) -> None:
     card.write(out / "README.md", card.render(s, repo=o.hub_model_id or out.name, model_commit=pulled.commit,
                                               datasets=sources, samples=finals, steps_done=trainer.step))
     log.info("done: %s", out / outputs.ADAPTER_FILE)
+    pushed = None
     if o.push_to_hub:
-        hub.push(out, o.hub_model_id, token=s.access.hf_token, private=o.hub_private, attempts=o.hub_retries)
+        status.update(phase="push")
+        pushed = hub.push(out, o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
+                          attempts=o.hub_retries)
+    outputs.write_completion(out, s.public_dict(), pushed)  # last: a restart with these settings exits at once
+    status.update(phase="done")
 
 
 def validate(trainer: Trainer, validator: sample.Validator, step: int) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from job import checkpoint, flow
 from job.config import TrainingSettings
 from job.errors import DivergedError, Interrupted
-from job.log import MetricsSink, Progress
+from job.log import MetricsSink, Progress, StatusFile
 
 log = logging.getLogger("job")
 
@@ -147,6 +147,7 @@ class Trainer:
     hooks: list[Callable[[int], dict | None]] = field(default_factory=list)  # after each step: eval, validation
     step: int = 0
     metrics: MetricsSink | None = None  # set once the resume point is known (the sink trims past it)
+    status: StatusFile = field(default_factory=lambda: StatusFile(None))
     params: list = field(init=False)
 
     def __post_init__(self):
@@ -158,7 +159,7 @@ class Trainer:
 
     def run(self) -> None:
         t, accum = self.t, self.t.gradient_accumulation_steps
-        progress, t0 = Progress(self.total_steps, self.step), time.monotonic()
+        progress, t0 = Progress(self.total_steps, self.step, status=self.status), time.monotonic()
         while self.step < self.total_steps:
             losses = []
             for micro in range(accum):
@@ -211,6 +212,7 @@ class Trainer:
         meta = {"micro_batches_done": self.step * self.t.gradient_accumulation_steps,
                 "total_steps": self.total_steps}
         path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta)
+        self.status.update(last_checkpoint=path.name, force=True)
         self.on_checkpoint(path)  # first: an upload still reading an older checkpoint finishes before rotation
         removed = checkpoint.rotate(self.checkpoint_dir, self.checkpoints_total_limit)
         log.info("checkpoint %s written%s", path.name, f" ({len(removed)} old removed)" if removed else "")

@@ -1,0 +1,104 @@
+"""Stop and restart safely: SIGTERM checkpoints and resumes to the same adapter; a finished run is never
+trained twice; status.json is always whole."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, clean_env, run_cli
+from job import builtin
+from test_train import ALL_LINEAR, TINY
+
+STEPS = 24
+
+
+def settings(tiny_model, data, out):
+    return dict(**TINY, model_id=tiny_model, dataset_id=data, output_dir=out, max_train_steps=STEPS,
+                train_batch_size=2, caption_dropout_probability=0.2, lycoris_config=ALL_LINEAR, learning_rate=3e-3,
+                checkpoint_step_interval=0, validation_step_interval=0)
+
+
+def adapter(out):
+    return load_file(str(out / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return builtin.toy_dataset_dir(tmp_path_factory.mktemp("toy"), count=8)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    r = run_cli("train", **settings(tiny_model, data, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def steps_logged(out) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.parametrize("stop_after", [2, 13])
+def test_sigterm_writes_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tiny_model, data, reference,
+                                                                              tmp_path, stop_after):
+    out = tmp_path / "out"
+    # 500 steps: long enough to be stopped mid-way; the schedule is constant, so only the step count differs
+    env = clean_env(**{**settings(tiny_model, data, out), "max_train_steps": 500})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "train"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while steps_logged(out) < stop_after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    (ckpt,) = (out / "checkpoints").iterdir()
+    stopped_at = int(ckpt.name.split("-")[1])
+    assert stop_after <= stopped_at < 500
+    assert json.loads((out / "status.json").read_text())["phase"] == "interrupted"
+    # the same command (with the run's real length) resumes and finishes
+    r = run_cli("train", **settings(tiny_model, data, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert stopped_at <= STEPS, "stopped too late to compare"
+    assert f"(step {stopped_at} of {STEPS})" in r.stderr
+    want, got = adapter(reference), adapter(out)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_finished_run_is_not_trained_twice(reference, tiny_model, data):
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    t0 = time.monotonic()
+    r = run_cli("train", **settings(tiny_model, data, reference))
+    assert r.returncode == 0 and "nothing to do" in r.stderr
+    assert time.monotonic() - t0 < 5
+    r = run_cli("train", **{**settings(tiny_model, data, reference), "learning_rate": 1e-2})
+    assert r.returncode == 2 and "learning_rate" in r.stderr and "new OUTPUT_DIR" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()} == before
+
+
+def test_status_json_is_whole_at_every_moment(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    env = clean_env(**{**settings(tiny_model, data, out), "max_train_steps": 60})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "train"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    phases, reads = set(), 0
+    while proc.poll() is None:
+        path = out / "status.json"
+        if path.exists():
+            state = json.loads(path.read_text())  # never a torn file
+            phases.add(state["phase"])
+            reads += 1
+    _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-2000:]
+    final = json.loads((out / "status.json").read_text())
+    assert final["phase"] == "done" and final["step"] == 60 and final["total_steps"] == 60
+    assert reads > 20 and "training" in phases
