@@ -620,8 +620,8 @@ def not_yet_supported(s: Settings) -> list[str]:
     cannot deliver yet: refused, so a user never walks away from a job that silently skips them."""
     later = " is not supported by this version of the job yet"
     p = []
-    if s.output.webhook_url:
-        p.append(f"WEBHOOK_URL: webhooks{later}; leave it empty")
+    if s.output.webhook_url and not re.match(r"https?://", s.output.webhook_url):
+        p.append("WEBHOOK_URL: expected an http:// or https:// URL")
     if s.scale.num_processes > 1:
         p.append(f"NUM_PROCESSES={s.scale.num_processes}: multi-process training{later}; use 1 or auto")
     for var, action in (("POD_ACTION_ON_SUCCESS", s.cloud.pod_action_on_success),

@@ -88,11 +88,17 @@ class StatusFile:
 
 
 class Progress:
-    """One concise line every `interval` seconds (and at the first and last step): no '\\r' spam in pod logs."""
+    """A tqdm bar on a terminal; otherwise one concise line every `interval` seconds (and at the first and last
+    step), so pod logs get no '\\r' spam."""
 
     def __init__(self, total: int, start_step: int = 0, interval: float = 10.0, status: StatusFile | None = None):
         self.total, self.start_step, self.interval = total, start_step, interval
         self.status = status or StatusFile(None)
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
         self.t0 = time.monotonic()
         self.last_print = -math.inf
 
@@ -110,6 +116,12 @@ class Progress:
         eta = self.eta(step)
         self.status.update(step=step, total_steps=self.total, loss=loss, it_per_s=round(self.rate(step), 4),
                            eta_s=round(eta, 1) if math.isfinite(eta) else None)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+            if step >= self.total:
+                self.bar.close()
+            return
         if step in (self.start_step + 1, self.total) or now - self.last_print >= self.interval:
             self.last_print = now
             log.info("step %d/%d loss %.4f lr %.3g %.2f it/s eta %s", step, self.total, loss, lr,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, data, hub, model, outputs, sample
+from job import builtin, card, checkpoint, data, hub, model, outputs, sample, webhook
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
 from job.errors import ConfigError, DataError, Interrupted, JobError
@@ -62,11 +62,16 @@ def run(command: str, settings: Settings) -> None:
                  "Attention-only preset, which cannot move a model this small)")
     out.mkdir(parents=True, exist_ok=True)
     status = StatusFile(out / "status.json")
+    notify = webhook.make(settings.output.webhook_url, settings.output.hub_model_id or out.resolve().name)
     try:
-        train(settings, device, geo, status)
+        train(settings, device, geo, status, notify)
     except JobError as e:
         status.update(phase="interrupted" if isinstance(e, Interrupted) else "failed", last_error=str(e))
+        notify.send("interrupted" if isinstance(e, Interrupted) else "failed", str(e).splitlines()[0],
+                    exit_code=e.exit_code)
         raise
+    finally:
+        notify.close()
 
 
 def preflight(s: Settings, device: torch.device) -> model.Geometry:
@@ -92,7 +97,7 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
     return geo
 
 
-def train(s: Settings, device: torch.device, geo: model.Geometry, status: StatusFile) -> None:
+def train(s: Settings, device: torch.device, geo: model.Geometry, status: StatusFile, notify) -> None:
     out = Path(s.output.output_dir)
     stop = StopFlag().install()
     t = s.training
@@ -126,21 +131,23 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
     trainer = Trainer(transformer, network, fetch, t, total, geo.patch_size, device, model.train_dtype(s),
                       out / "checkpoints", s.checkpoints.checkpoint_step_interval,
                       s.checkpoints.checkpoints_total_limit, should_stop=stop, status=status,
-                      on_checkpoint=uploader.submit if uploader else (lambda path: None))
+                      on_checkpoint=lambda path: checkpointed(path, uploader, notify))
     resume = resume_point(s, out / "checkpoints")
     if resume:
         trainer.resume(resume)
     validator = sample.Validator(s, out, transformer, model.load_vae(model_dir, device), model.load_scheduler(model_dir),
                                  lambda prompt: text_cache.get(text_keys[prompt]), device, fallback)
     trainer.hooks = [eval_hook(s, trainer, samples, latents_of, text_cache, text_keys),
-                     lambda step: validate(trainer, validator, step) if validator.due(step) else None]
+                     lambda step: validate(trainer, validator, step, notify) if validator.due(step) else None]
     tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
                            o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
     trainer.metrics = MetricsSink(out / "metrics.jsonl", resume_step=trainer.step, tracker=tracker)
     status.update(phase="training", step=trainer.step, total_steps=total)
+    notify.send("started", f"training {s.model_id} on {', '.join(ref for ref, _ in sources)}: "
+                           f"{len(samples)} images, steps {trainer.step}→{total}", step=trainer.step, total_steps=total)
     try:
         if trainer.step == 0:
-            validator.render(0)  # the base model, for comparison
+            validate(trainer, validator, 0, notify)  # the base model, for comparison
         trainer.run()
     finally:
         trainer.metrics.close()
@@ -151,14 +158,14 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
     status.update(phase="sampling")
     with trainer.final_weights():
         model.save_adapter(network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
-        validator.render(trainer.step, final=True)
+        final_images = validator.render(trainer.step, final=True)
     sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
     resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})
-    finals = [(f"samples/{p.name}", prompt) for p, prompt in validator.finals()]
     card.write(out / "README.md", card.render(s, repo=o.hub_model_id or out.name, model_commit=pulled.commit,
-                                              datasets=sources, samples=finals, steps_done=trainer.step))
+                                              datasets=sources, steps_done=trainer.step,
+                                              samples=[(f"samples/{p.name}", prompt) for p, prompt in validator.finals()]))
     log.info("done: %s", out / outputs.ADAPTER_FILE)
     pushed = None
     if o.push_to_hub:
@@ -167,11 +174,21 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
                           attempts=o.hub_retries)
     outputs.write_completion(out, s.public_dict(), pushed)  # last: a restart with these settings exits at once
     status.update(phase="done")
+    notify.send("finished", f"done after {trainer.step} steps: {pushed or out}", final_images, url=pushed,
+                output_dir=str(out))
 
 
-def validate(trainer: Trainer, validator: sample.Validator, step: int) -> None:
+def validate(trainer: Trainer, validator: sample.Validator, step: int, notify) -> None:
     with trainer.final_weights():  # with USE_EMA, rounds show the EMA weights, as the published adapter will
-        validator.render(step)
+        files = validator.render(step)
+    if files:
+        notify.send("validation", f"samples at step {step}", files, step=step)
+
+
+def checkpointed(path: Path, uploader, notify) -> None:
+    if uploader:
+        uploader.submit(path)
+    notify.send("checkpoint", f"{path.name} saved", step=checkpoint.step_of(path), path=str(path))
 
 
 def eval_hook(s: Settings, trainer: Trainer, samples, latents_of, text_cache, text_keys):
