@@ -67,7 +67,16 @@ class TensorCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """Present and whole: a file torn by a crash (before writes were atomic, or a full disk) is recomputed."""
+        path = self.path(key)
+        try:
+            with path.open("rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            return path.stat().st_size == 8 + n + end
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         path = self.path(key)

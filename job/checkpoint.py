@@ -56,10 +56,17 @@ def save(root: Path, step: int, adapter: dict[str, torch.Tensor], state: dict[st
     for f in (ADAPTER, STATE, META):
         _fsync(tmp / f)
     if final.exists():  # the same step again (e.g. a stop right after a periodic save): replace it
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync(root)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Rename out of sight first, then delete: a kill mid-delete never leaves a checkpoint missing files."""
+    hidden = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def step_of(path: Path) -> int:
@@ -73,7 +80,7 @@ def complete(root: Path) -> list[Path]:
     """Finished checkpoints, oldest first; also clears temporary folders left by a crash."""
     if not root.is_dir():
         return []
-    for stale in root.glob(".checkpoint-*.tmp-*"):
+    for stale in root.glob(".checkpoint-*"):  # half-written or half-deleted by a crash
         shutil.rmtree(stale, ignore_errors=True)
     found = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / META).is_file()]
     return sorted(found, key=step_of)
@@ -96,5 +103,5 @@ def rotate(root: Path, limit: int) -> list[Path]:
     found = complete(root)
     doomed = found[:-limit] if limit and len(found) > limit else []
     for p in doomed:
-        shutil.rmtree(p)
+        _remove(p)
     return doomed

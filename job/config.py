@@ -260,6 +260,8 @@ class TrainingSettings:
     quantize_via: str = opt("accelerator", "Where to quantise the base: cpu (less VRAM at start) or accelerator",
                             _choice("cpu", "accelerator"))
     gradient_checkpointing: bool = opt("true", "Recompute activations in the backward to save memory")
+    skip_nonfinite_steps: int = opt("0", "Skip up to this many steps with a non-finite loss or gradient before "
+                                    "stopping with exit 5", _pos_int(0))
     use_ema: bool = opt("false", "Keep an EMA of the adapter weights")
     ema_decay: float = opt("0.999", "EMA decay per optimizer step", _number(float, 0.0, 1.0, True))
     seed: int = opt("42", "Random seed (data order, noise, timesteps, adapter init)", _pos_int(0))
@@ -376,10 +378,10 @@ class Settings:
                     value = getattr(getattr(self, group), f.name)
                     out[f.name] = list(map(list, value)) if isinstance(value, tuple) else value
         out["model_id"] = self.model_id
-        return out
+        return json.loads(mask_secrets(json.dumps(out), self.secrets()))
 
     def secrets(self) -> list[str]:
-        return [v for v in (self.access.hf_token, self.access.wandb_api_key) if v]
+        return [v for v in (self.access.hf_token, self.access.wandb_api_key) if len(v) >= 4]
 
 
 @dataclass(frozen=True)
@@ -482,12 +484,13 @@ def build_settings(layers: list[dict[str, str | None]]) -> Settings:
     problems += [c for c in cross_check(settings) if not set(re.findall(r"\b[A-Z][A-Z0-9_]+\b", c)) & set(failed)]
     if problems:
         secrets = [merged[n] for n in ("hf_token", "wandb_api_key") if len(merged.get(n, "")) >= 4]
-        raise ConfigError([_mask(p, secrets) for p in problems])
+        raise ConfigError([mask_secrets(p, secrets) for p in problems])
     return settings
 
 
-def _mask(text: str, secrets: list[str]) -> str:
-    """A token pasted into the wrong setting must not be echoed back by that setting's problem line."""
+def mask_secrets(text: str, secrets: list[str]) -> str:
+    """A token pasted into the wrong setting (a prompt, say) must not be echoed anywhere: problem lines,
+    training_config.json, tracker configs, the model card."""
     for secret in secrets:
         text = text.replace(secret, SECRET_MASK)
     return re.sub(r"\bhf_[A-Za-z0-9]{20,}\b", SECRET_MASK, text)

@@ -138,6 +138,34 @@ def preflight(*, token: str, model: tuple[str, str], datasets: list[tuple[str, s
                                  f"{owner} (its namespaces: {', '.join(sorted(n for n in namespaces if n))})")
 
 
+def pending_download(ref: str, revision: str, token: str, repo_type: str, allow: list[str] | None,
+                     attempts: int) -> tuple[int, list[str]]:
+    """(bytes not yet in the local cache, the repo's files that a pull would fetch), for the disk preflight."""
+    import fnmatch
+
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    api = HfApi(token=token or None)
+    get = api.model_info if repo_type == "model" else api.dataset_info
+    try:
+        info = retry(f"{repo_type} {ref}", lambda: get(ref, revision=revision, files_metadata=True), attempts)
+    except Exception as e:
+        raise _hub_error(repo_type, ref, e) from None
+    files = [f for f in info.siblings or []
+             if (allow is None or any(fnmatch.fnmatch(f.rfilename, p) for p in allow))
+             and not any(fnmatch.fnmatch(f.rfilename, p) for p in NEVER)]
+    pending = sum(f.size or 0 for f in files
+                  if not isinstance(try_to_load_from_cache(ref, f.rfilename, revision=info.sha, repo_type=repo_type),
+                                    str))
+    return pending, [f.rfilename for f in files]
+
+
+def cache_folder() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
 # ---------------------------------------------------------------- pulls
 
 def _snapshot(ref: str, revision: str, token: str, repo_type: str, allow: list[str] | None, what: str,

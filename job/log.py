@@ -162,7 +162,9 @@ class WandbTracker(Tracker):
         import wandb
 
         folder.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, name=name or None, config=config, dir=str(folder), resume="allow")
+        # no system metadata: it records the command line, where a --hf-token would be
+        self.run = wandb.init(project=project, name=name or None, config=config, dir=str(folder), resume="allow",
+                              settings=wandb.Settings(x_disable_meta=True, disable_code=True, save_code=False))
 
     def log(self, step: int, values: dict) -> None:
         self.run.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)

@@ -156,21 +156,21 @@ def _lycoris_preset(preset: dict):
             setattr(LycorisNetwork, n, v)
 
 
-def adapter_problems(model_dir: Path, lycoris_config: dict) -> list[str]:
-    """Build the LyCORIS network over a weightless (meta) transformer: a bad preset fails in a second,
-    before any weights move."""
+def adapter_check(model_dir: Path, lycoris_config: dict) -> tuple[list[str], int]:
+    """(problems, trainable parameter count): the LyCORIS network built over a weightless (meta) transformer,
+    so a bad preset fails in a second, before any weights move."""
     from accelerate import init_empty_weights
     from diffusers import AuraFlowTransformer2DModel
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel.from_config(AuraFlowTransformer2DModel.load_config(model_dir / "transformer"))
         try:
-            _lycoris_network(shell, lycoris_config)
+            network = _lycoris_network(shell, lycoris_config)
         except ConfigError as e:
-            return e.problems
+            return e.problems, 0
         except (TypeError, ValueError) as e:
-            return [f"LYCORIS_CONFIG: lycoris rejected it: {e}"]
-    return []
+            return [f"LYCORIS_CONFIG: lycoris rejected it: {e}"], 0
+    return [], sum(p.numel() for p in network.parameters())
 
 
 def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: torch.dtype):

@@ -28,7 +28,7 @@ def loss_series(metrics: Path) -> dict[str, list[tuple[int, float]]]:
     for line in metrics.read_text().splitlines():
         row = json.loads(line)
         for k in series:
-            if k in row:
+            if row.get(k) is not None:  # skipped (non-finite) steps carry no loss
                 series[k].append((row["step"], row[k]))
     return {k: v for k, v in series.items() if v}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, data, hub, model, outputs, sample, webhook
+from job import builtin, card, checkpoint, data, disk, hub, model, outputs, sample, webhook
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
 from job.errors import ConfigError, DataError, Interrupted, JobError
@@ -85,8 +85,12 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
                   output_repo=o.hub_model_id if o.push_to_hub else None, attempts=o.hub_retries)
     config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries)
     geo = model.read_geometry(config_dir)
-    problems += model.geometry_problems(s, geo, [spec.resolution for spec in datasets(s)[0]])
-    problems += model.adapter_problems(config_dir, s.adapter.lycoris_config)
+    specs = datasets(s)[0]
+    problems += model.geometry_problems(s, geo, [spec.resolution for spec in specs])
+    adapter_problems, adapter_params = model.adapter_check(config_dir, s.adapter.lycoris_config)
+    problems += adapter_problems
+    if not problems:
+        problems += disk.problems(disk_needs(s, specs, adapter_params))
     if problems:
         raise ConfigError(problems)
     t = s.training
@@ -132,9 +136,7 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
                       out / "checkpoints", s.checkpoints.checkpoint_step_interval,
                       s.checkpoints.checkpoints_total_limit, should_stop=stop, status=status,
                       on_checkpoint=lambda path: checkpointed(path, uploader, notify))
-    resume = resume_point(s, out / "checkpoints")
-    if resume:
-        trainer.resume(resume)
+    resume_from(trainer, resume_point(s, out / "checkpoints"))
     validator = sample.Validator(s, out, transformer, model.load_vae(model_dir, device), model.load_scheduler(model_dir),
                                  lambda prompt: text_cache.get(text_keys[prompt]), device, fallback)
     trainer.hooks = [eval_hook(s, trainer, samples, latents_of, text_cache, text_keys),
@@ -176,6 +178,31 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
     status.update(phase="done")
     notify.send("finished", f"done after {trainer.step} steps: {pushed or out}", final_images, url=pushed,
                 output_dir=str(out))
+
+
+def disk_needs(s: Settings, specs, adapter_params: int) -> list[disk.Need]:
+    """What this run will write where: model and dataset downloads, caches, checkpoints, samples."""
+    o, r = s.output, s.output.hub_retries
+    hf, out = hub.cache_folder(), Path(o.output_dir)
+    needs = []
+    if not hub.local_folder(s.model_id):
+        pending, _ = hub.pending_download(s.model_id, s.model.model_revision, s.access.hf_token, "model",
+                                          hub.MODEL_FILES, r)
+        needs.append(disk.Need(hf, "model download", pending))
+    for spec in specs:
+        if folder := hub.local_folder(spec.source):
+            images = sum(1 for p in folder.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
+        else:
+            pending, files = hub.pending_download(spec.source, s.data.dataset_revision, s.access.hf_token, "dataset",
+                                                  None, r)
+            needs.append(disk.Need(hf, f"dataset {spec.source}", pending))
+            images = sum(1 for f in files if Path(f).suffix.lower() in data.IMAGE_SUFFIXES)
+        cache = Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"
+        needs.append(disk.Need(cache, "latent cache", disk.latent_bytes(spec.resolution, images)))
+        needs.append(disk.Need(out / "cache" / "text", "text-embedding cache", disk.text_bytes(images + 32)))
+    needs.append(disk.Need(out, "checkpoints", disk.checkpoint_bytes(adapter_params,
+                                                                    s.checkpoints.checkpoints_total_limit)))
+    return needs
 
 
 def validate(trainer: Trainer, validator: sample.Validator, step: int, notify) -> None:
@@ -253,6 +280,20 @@ def cache_text(model_dir: Path, samples, extra: list[str], folder: Path, device:
     cache = TensorCache(folder, f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
     captions = [c for smp in samples for c in smp.captions] + [""] + extra
     return cache, data.cache_text(captions, cache, lambda cs: model.encode_prompts(text_pipe, cs, device).cpu())
+
+
+def resume_from(trainer: Trainer, path: Path | None) -> None:
+    """Resume from `path`; a checkpoint that cannot be read (a disk fault, a crash in an older version) is set
+    aside and the one before it is tried."""
+    while path is not None:
+        try:
+            trainer.resume(path)
+            return
+        except Exception as e:  # torch/safetensors raise many kinds for a damaged file
+            aside = path.with_name(path.name + ".unreadable")
+            path.replace(aside)
+            log.warning("checkpoint %s cannot be read (%s); set aside as %s", path.name, type(e).__name__, aside.name)
+            path = checkpoint.latest(path.parent)
 
 
 def resume_point(s: Settings, ckpt_dir: Path) -> Path | None:

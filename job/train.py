@@ -146,6 +146,7 @@ class Trainer:
     on_checkpoint: Callable[[Path], None] = lambda path: None
     hooks: list[Callable[[int], dict | None]] = field(default_factory=list)  # after each step: eval, validation
     step: int = 0
+    skipped: int = 0  # non-finite steps skipped so far
     metrics: MetricsSink | None = None  # set once the resume point is known (the sink trims past it)
     status: StatusFile = field(default_factory=lambda: StatusFile(None))
     params: list = field(init=False)
@@ -169,21 +170,14 @@ class Trainer:
                 loss = flow_loss(self.transformer, latents, embeds, g, t, self.patch_size, self.device, self.dtype)
                 (loss / accum).backward()
                 losses.append(loss.item())
-            grad_norm = self.clip()
-            loss = sum(losses) / accum
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise DivergedError(f"training diverged at step {self.step + 1} (loss {loss}, grad norm {grad_norm});"
-                                    f" the last good checkpoint is kept in {self.checkpoint_dir}")
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema:
-                self.ema.update()
+            grad_norm, loss = self.clip(), sum(losses) / accum
+            finite = self.apply(loss, grad_norm)
             self.step += 1
             lr = self.scheduler.get_last_lr()[0]
             extra = {k: v for hook in self.hooks for k, v in (hook(self.step) or {}).items()}
-            self.metrics.write(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
-                               elapsed_s=round(time.monotonic() - t0, 3), **extra)
+            self.metrics.write(step=self.step, loss=loss if finite else None, lr=lr,
+                               grad_norm=grad_norm if finite else None, elapsed_s=round(time.monotonic() - t0, 3),
+                               **extra, **({} if finite else {"skipped": True}))
             progress.update(self.step, loss, lr)
             if self.checkpoint_interval and self.step % self.checkpoint_interval == 0:
                 self.save_checkpoint()
@@ -192,6 +186,25 @@ class Trainer:
                 path = self.save_checkpoint()
                 raise Interrupted(signum, f"stopped by signal {signum} at step {self.step}; checkpoint {path}; "
                                           "the same command resumes")
+
+    def apply(self, loss: float, grad_norm: float) -> bool:
+        """The optimizer step; a non-finite loss or gradient is skipped (SKIP_NONFINITE_STEPS allows that many)
+        or stops the run with the last good checkpoint kept."""
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if not finite:
+            if self.skipped >= self.t.skip_nonfinite_steps:
+                raise DivergedError(f"training diverged at step {self.step + 1} (loss {loss}, grad norm {grad_norm})"
+                                    f"; the last good checkpoint is kept in {self.checkpoint_dir}")
+            self.skipped += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d of SKIP_NONFINITE_STEPS=%d)",
+                        self.step + 1, self.skipped, self.t.skip_nonfinite_steps)
+        else:
+            self.optimizer.step()
+            if self.ema:
+                self.ema.update()
+        self.scheduler.step()  # the schedule follows the step count either way, so resumes stay exact
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
 
     def clip(self) -> float:
         t = self.t
@@ -210,7 +223,7 @@ class Trainer:
         if self.ema:
             state["ema"] = self.ema.state_dict()
         meta = {"micro_batches_done": self.step * self.t.gradient_accumulation_steps,
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, "skipped": self.skipped}
         path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta)
         self.status.update(last_checkpoint=path.name, force=True)
         self.on_checkpoint(path)  # first: an upload still reading an older checkpoint finishes before rotation
@@ -226,7 +239,7 @@ class Trainer:
         if self.ema and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         checkpoint.restore_rng(state["rng"])
-        self.step = meta["step"]
+        self.step, self.skipped = meta["step"], meta.get("skipped", 0)
         log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
 
     def final_weights(self):

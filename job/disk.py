@@ -1,0 +1,60 @@
+"""Disk preflight: the bytes a run will write to each folder, against the free space there, before any download.
+
+Estimates err on the generous side; the point is to refuse a run that cannot fit, in seconds rather than
+after an hour of downloading.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("job")
+MARGIN = 1.1
+GB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Need:
+    folder: Path
+    what: str
+    bytes: int
+
+
+def latent_bytes(resolution: int, images: int, channels: int = 4, vae_factor: int = 8) -> int:
+    side = max(1, resolution // vae_factor)
+    return images * channels * side * side * 4 + images * 256  # fp32 + file header
+
+
+def text_bytes(captions: int, seq_len: int = 256, dim: int = 2048) -> int:
+    return captions * seq_len * dim * 4
+
+
+def checkpoint_bytes(adapter_params: int, keep: int) -> int:
+    # adapter + two optimizer moments (+ EMA) in fp32, per kept checkpoint, plus one being written
+    return ((keep or 1) + 1) * adapter_params * 4 * 4
+
+
+def existing_parent(folder: Path) -> Path:
+    folder = folder.expanduser().resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def problems(needs: list[Need]) -> list[str]:
+    """One line per filesystem that lacks room, naming the folders, the need and the free space."""
+    by_device: dict[int, list[Need]] = {}
+    for n in needs:
+        by_device.setdefault(existing_parent(n.folder).stat().st_dev, []).append(n)
+    out = []
+    for group in by_device.values():
+        need = int(sum(n.bytes for n in group) * MARGIN)
+        free = shutil.disk_usage(existing_parent(group[0].folder)).free
+        log.debug("disk: %s need %.2f GB, %.2f GB free", [str(n.folder) for n in group], need / GB, free / GB)
+        if need > free:
+            parts = ", ".join(f"{n.what} in {n.folder} {n.bytes / GB:.2f} GB" for n in group)
+            out.append(f"not enough disk space: {parts}: {need / GB:.2f} GB needed with a 10% margin, "
+                       f"{free / GB:.2f} GB free")
+    return out

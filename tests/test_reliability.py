@@ -1,0 +1,214 @@
+"""Nothing lost, nothing torn, no secret leaked, every bad input answered with exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AuraFlowTransformer2DModel
+
+from conftest import ROOT, run_cli
+from job import builtin, checkpoint, disk, model
+from job.cache import TensorCache
+from job.config import SPECS, build_settings
+from job.errors import DivergedError
+from job.log import MetricsSink
+from job.train import Trainer
+from test_train import ALL_LINEAR, TINY
+
+HF_TOKEN = "hf_" + "S" * 34
+WANDB_KEY = "0123456789abcdef" * 2 + "01234567"
+
+
+# ---------------------------------------------------------------- divergence guard
+
+def trainer_with_a_nan_batch(tiny_model, tmp_path, skip: int) -> Trainer:
+    s = build_settings([{"dataset_id": "x", "push_to_hub": "false", "mixed_precision": "no", "optimizer": "adamw",
+                         "skip_nonfinite_steps": str(skip), "learning_rate": "1e-2"}])
+    tr = AuraFlowTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer").requires_grad_(False)
+    net = model.create_adapter(tr, json.loads(ALL_LINEAR), torch.float32)
+
+    def fetch(index, g):
+        x = torch.randn(1, 4, 16, 16, generator=g)
+        return (x * float("nan") if index == 2 else x), torch.randn(1, 8, 32, generator=g)
+
+    t = Trainer(tr, net, fetch, s.training, 5, 2, torch.device("cpu"), torch.float32, tmp_path / "ckpt", 0, 0)
+    t.metrics = MetricsSink(tmp_path / "metrics.jsonl")
+    return t
+
+
+def test_a_nonfinite_step_is_skipped_when_allowed(tiny_model, tmp_path):
+    t = trainer_with_a_nan_batch(tiny_model, tmp_path, skip=1)
+    t.run()
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in rows] == [False, False, True, False, False]
+    assert rows[2]["loss"] is None and all(torch.isfinite(p).all() for p in t.params)
+
+
+def test_a_nonfinite_step_stops_the_run_by_default(tiny_model, tmp_path):
+    t = trainer_with_a_nan_batch(tiny_model, tmp_path, skip=0)
+    with pytest.raises(DivergedError, match="step 3"):
+        t.run()
+    assert t.step == 2
+
+
+# ---------------------------------------------------------------- torn files
+
+def test_a_torn_cache_entry_is_recomputed(tmp_path):
+    cache = TensorCache(tmp_path, "id")
+    cache.put("k" * 64, torch.arange(1000.0))
+    assert cache.has("k" * 64)
+    path = cache.path("k" * 64)
+    path.write_bytes(path.read_bytes()[:-100])  # as a crash on a non-atomic writer would leave it
+    assert not cache.has("k" * 64)
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from job import checkpoint
+root = Path(sys.argv[1])
+for step in range(1, 10**6):
+    big = torch.full((256, 1024), float(step))  # 1 MiB: a kill often lands mid-write
+    checkpoint.save(root, step, {"w": big}, {"step_tensor": torch.tensor(step)}, {"marker": step})
+    checkpoint.rotate(root, 3)
+"""
+
+
+def test_sigkill_during_checkpoint_writes_never_leaves_a_lying_checkpoint(tmp_path):
+    rng = random.Random(0)
+    root = tmp_path / "ckpts"
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], cwd=ROOT)
+        time.sleep(1.0 + rng.random() * 1.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        found = checkpoint.complete(root)  # also clears the temporary folders a kill leaves behind
+        assert found
+        for path in found:
+            adapter, state, meta = checkpoint.load(path)
+            step = checkpoint.step_of(path)
+            assert meta["step"] == meta["marker"] == step == int(state["step_tensor"])
+            assert torch.equal(adapter["w"], torch.full((256, 1024), float(step)))
+        assert not list(root.glob(".checkpoint-*"))
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_the_one_before_is_used(tiny_model, tmp_path):
+    common = dict(**TINY, model_id=tiny_model, dataset_id=builtin.single_image_dataset_dir(tmp_path / "d"),
+                  output_dir=tmp_path / "out", lycoris_config=ALL_LINEAR, checkpoint_step_interval=2,
+                  validation_step_interval=0)
+    assert run_cli("train", **common, max_train_steps=4).returncode == 0
+    ckpts = tmp_path / "out" / "checkpoints"
+    (ckpts / "checkpoint-4" / "training_state.pt").write_bytes(b"garbage")
+    (tmp_path / "out" / "completed.json").unlink()  # as if the first run had died before finishing
+    r = run_cli("train", **common, max_train_steps=6)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoint-4 cannot be read" in r.stderr and "(step 2 of 6)" in r.stderr
+    assert (ckpts / "checkpoint-4.unreadable").is_dir()
+
+
+# ---------------------------------------------------------------- disk
+
+def test_disk_preflight_names_the_folder_and_both_numbers(tmp_path):
+    free = disk.shutil.disk_usage(tmp_path).free
+    ok = disk.problems([disk.Need(tmp_path / "a", "cache", 1024)])
+    too_much = disk.problems([disk.Need(tmp_path / "not-yet" / "b", "latent cache", free),
+                              disk.Need(tmp_path, "checkpoints", free // 2)])
+    assert ok == []
+    (line,) = too_much  # one filesystem, one line
+    assert str(tmp_path / "not-yet" / "b") in line and "checkpoints" in line
+    assert f"{free * 1.5 * 1.1 / disk.GB:.2f} GB needed" in line and f"{free / disk.GB:.2f} GB free" in line
+
+
+# ---------------------------------------------------------------- bad input, through the CLI
+
+def typed_specs():
+    return [s for s in SPECS if not s.is_text]
+
+
+WRONG_TYPE = {"bool": "maybe", "int": "ten", "float": "fast", "choice": "nonsense", "json": "{not json",
+              "resolutions": "big"}
+OUT_OF_RANGE = {"int": "-5", "float": "-1e9"}
+
+
+def kind(spec) -> str:
+    allowed = getattr(spec.parse, "allowed", "")
+    if spec.parse.__name__ == "_bool":
+        return "bool"
+    if allowed.startswith("one of"):
+        return "choice"
+    if allowed.startswith("an integer") or allowed.startswith("auto or an integer"):
+        return "int"
+    if allowed.startswith("a number"):
+        return "float"
+    if allowed.startswith("inline JSON"):
+        return "json"
+    return "resolutions"
+
+
+def guarded_output(tmp_path: Path) -> tuple[Path, dict]:
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-7").mkdir(parents=True)
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"precious")
+    (out / "checkpoints" / "checkpoint-7" / "meta.json").write_text("{}")
+    return out, {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("variant", ["wrong type", "out of range", "empty"])
+def test_every_setting_refuses_bad_values_all_at_once(tmp_path, variant):
+    out, before = guarded_output(tmp_path)
+    bad = {}
+    for spec in typed_specs():
+        k = kind(spec)
+        value = {"wrong type": WRONG_TYPE.get(k), "out of range": OUT_OF_RANGE.get(k), "empty": ""}[variant]
+        if value is not None and not (variant == "empty" and spec.default == ""):
+            bad[spec.env] = value
+    t0 = time.monotonic()
+    r = run_cli("train", dataset_id=str(tmp_path), output_dir=out, **bad)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 10
+    missing = [var for var in bad if f"{var}=" not in r.stderr]
+    assert not missing, missing
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    print(f"{variant}: {len(bad)} settings refused in one run")
+
+
+FILE_SETTINGS = {"CONFIG_FILE": "{}", "DATA_BACKEND_CONFIG": "[]", "LYCORIS_CONFIG": "{}", "USER_PROMPT_LIBRARY": "{}"}
+
+
+@pytest.mark.parametrize("var", sorted(FILE_SETTINGS))
+@pytest.mark.parametrize("case", ["missing", "not json", "wrong shape"])
+def test_broken_json_files_are_refused(tmp_path, var, case):
+    out, before = guarded_output(tmp_path)
+    path = tmp_path / "file.json"
+    if case == "not json":
+        path.write_text("{ this is: not json")
+    elif case == "wrong shape":
+        path.write_text('"a string"' if var != "DATA_BACKEND_CONFIG" else '{"an": "object"}')
+    r = run_cli("train", dataset_id=str(tmp_path), output_dir=out, push_to_hub="false", **{var: str(path)})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert var in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------- secrets
+
+def test_no_secret_in_any_byte_a_full_run_writes(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("demo", output_dir=out, max_train_steps=6, checkpoint_step_interval=3, validation_step_interval=3,
+                report_to="wandb", wandb_mode="offline", hf_token=HF_TOKEN, wandb_api_key=WANDB_KEY,
+                validation_prompt=f"a red circle {HF_TOKEN}", xdg_cache_home=tmp_path / "xdg")
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    logs = (r.stdout + r.stderr).encode()
+    assert len(written) > 10_000  # the run really wrote its files: adapter, samples, checkpoints, wandb
+    for secret in (HF_TOKEN, WANDB_KEY):
+        assert secret.encode() not in written and secret.encode() not in logs, secret
+    assert os.environ.get("HF_TOKEN") != HF_TOKEN  # and the test process itself was never given it
