@@ -105,3 +105,18 @@ def test_checkpoints_go_to_the_hub_and_a_fresh_pod_resumes_from_them(hub, tmp_pa
     assert "resumed from" in r.stderr and "(step 4 of 6)" in r.stderr
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "pod2" / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 6]
+
+
+def test_a_connection_dropped_mid_upload_is_retried(hub, tmp_path):
+    """The adapter's LFS upload is cut mid-body; the upload is retried and the push completes."""
+    repo = "tester/dropped"
+    hub.clear_log()
+    hub.drop_next(1, match="PUT /_lfs")
+    try:
+        r = train(hub, tmp_path, push_to_hub="true", hub_model_id=repo, max_train_steps=1)
+    finally:
+        hub.clear_faults()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert hub.files(repo)["pytorch_lora_weights.safetensors"] == (
+        tmp_path / "out" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert len(hub.requests("PUT", "/_lfs")) >= 2
