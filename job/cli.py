@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from job import config, log
+from job import cloud, config, log
 from job.errors import ConfigError, JobError
 
 COMMANDS = ("train", "check", "demo")
@@ -82,6 +82,8 @@ def _run(command: str, given: dict[str, str | None]) -> None:
     for name in ("hf_token", "wandb_api_key"):
         log.register_secret(raw.get(name) or "")
     _export_library_vars(raw)
+    creds = cloud.Credentials.from_env(os.environ)
+    log.register_secret(creds.api_key)
     try:
         file_layer: dict[str, str] = {}
         if config_file:
@@ -100,7 +102,7 @@ def _run(command: str, given: dict[str, str | None]) -> None:
         settings = config.build_settings(layers)  # bad values fail here, before torch is even imported
         from job import pipeline
 
-        pipeline.run(command, settings)
+        pipeline.run(command, settings, creds)
     except JobError as e:
         log.log.error("%s", e)
         raise typer.Exit(e.exit_code) from None

@@ -627,10 +627,9 @@ def not_yet_supported(s: Settings) -> list[str]:
         p.append("WEBHOOK_URL: expected an http:// or https:// URL")
     if s.scale.num_processes > 1:
         p.append(f"NUM_PROCESSES={s.scale.num_processes}: multi-process training{later}; use 1 or auto")
-    for var, action in (("POD_ACTION_ON_SUCCESS", s.cloud.pod_action_on_success),
-                        ("POD_ACTION_ON_FAILURE", s.cloud.pod_action_on_failure)):
-        if action != "none":
-            p.append(f"{var}={action}: pod actions{later}; use none")
+    if s.cloud.pod_action_on_success == "terminate" and not s.output.push_to_hub:
+        p.append("POD_ACTION_ON_SUCCESS=terminate needs PUSH_TO_HUB=true: terminating deletes the volume, and with "
+                 "it the only copy of the output; use stop")
     return p
 
 

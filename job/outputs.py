@@ -59,9 +59,15 @@ def finished_run(out: Path, public: dict) -> dict | None:
     return record
 
 
-def write_completion(out: Path, public: dict, pushed: str | None) -> dict:
+def write_completion(out: Path, public: dict, pushed: str | None, pod_action: str) -> dict:
+    """`pod_action_done` stays false until the platform said yes, so a restart repeats a failed pod action."""
     adapter = out / ADAPTER_FILE
     record = {"settings": result_settings(public), "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest(),
-              "pushed": pushed}
+              "pushed": pushed, "pod_action": pod_action, "pod_action_done": pod_action == "none"}
     write_json(out / COMPLETION, record)
     return record
+
+
+def mark_pod_action_done(out: Path) -> None:
+    record = json.loads((out / COMPLETION).read_text())
+    write_json(out / COMPLETION, {**record, "pod_action_done": True})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, data, disk, hub, model, outputs, sample, webhook
+from job import builtin, card, checkpoint, cloud, data, disk, hub, model, outputs, sample, webhook
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
 from job.errors import ConfigError, DataError, Interrupted, JobError
@@ -47,10 +47,13 @@ def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     return defaults, forced
 
 
-def run(command: str, settings: Settings) -> None:
+def run(command: str, settings: Settings, creds: cloud.Credentials) -> None:
     out = Path(settings.output.output_dir)
-    if command != "check" and outputs.finished_run(out, settings.public_dict()):
+    record = outputs.finished_run(out, settings.public_dict()) if command != "check" else None
+    if record:
         log.info("%s already holds this run, finished (%s); nothing to do", out, outputs.COMPLETION)
+        if not record.get("pod_action_done", True):  # the pod action failed last time: try it again
+            pod_action(record["pod_action"], creds, out)
         return
     quiet_libraries()
     device = model.pick_device()
@@ -69,9 +72,18 @@ def run(command: str, settings: Settings) -> None:
         status.update(phase="interrupted" if isinstance(e, Interrupted) else "failed", last_error=str(e))
         notify.send("interrupted" if isinstance(e, Interrupted) else "failed", str(e).splitlines()[0],
                     exit_code=e.exit_code)
-        raise
-    finally:
         notify.close()
+        if not isinstance(e, Interrupted) and settings.cloud.pod_action_on_failure == "stop":
+            cloud.act("stop", creds)  # a signal means the platform is stopping us already
+        raise
+    notify.close()
+    pod_action(settings.cloud.pod_action_on_success, creds, out)
+
+
+def pod_action(action: str, creds: cloud.Credentials, out: Path) -> None:
+    """After the results are safely written and pushed, never before (terminate deletes the volume)."""
+    if action != "none" and cloud.act(action, creds):
+        outputs.mark_pod_action_done(out)
 
 
 def preflight(s: Settings, device: torch.device) -> model.Geometry:
@@ -174,7 +186,8 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
         status.update(phase="push")
         pushed = hub.push(out, o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
                           attempts=o.hub_retries)
-    outputs.write_completion(out, s.public_dict(), pushed)  # last: a restart with these settings exits at once
+    # last: a restart with these settings exits at once
+    outputs.write_completion(out, s.public_dict(), pushed, s.cloud.pod_action_on_success)
     status.update(phase="done")
     notify.send("finished", f"done after {trainer.step} steps: {pushed or out}", final_images, url=pushed,
                 output_dir=str(out))
