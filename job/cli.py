@@ -100,6 +100,8 @@ def _run(command: str, given: dict[str, str | None]) -> None:
             defaults, forced = pipeline.demo_layers(_builtin_root())
             layers = [defaults, *layers, forced]
         settings = config.build_settings(layers)  # bad values fail here, before torch is even imported
+        # the download watchdog: huggingface_hub re-requests a file body that stalls this long (read at import)
+        os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = f"{settings.output.download_stall_timeout:g}"
         from job import pipeline
 
         pipeline.run(command, settings, creds)

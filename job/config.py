@@ -316,6 +316,8 @@ class OutputSettings:
     hub_private: bool = opt("true", "Create the output repo as private")
     push_checkpoints_to_hub: bool = opt("false", "Also upload each checkpoint to the output repo (in the background)")
     hub_retries: int = opt("5", "Attempts for each Hub call before giving up (backoff 1, 2, 4, 8 s...)", _pos_int())
+    download_stall_timeout: float = opt("60", "Seconds without a byte before a download is retried (then retried "
+                                        "with Xet off, then exit 3)", _number(float, 0.0, None, True))
     report_to: str = opt("none", "Tracker: wandb, tensorboard or none", _choice("wandb", "tensorboard", "none"))
     tracker_project_name: str = opt("auraflow-lokr", "Tracker project name")
     tracker_run_name: str = opt("", "Tracker run name (default: derived from HUB_MODEL_ID or OUTPUT_DIR)")

@@ -58,3 +58,13 @@ def problems(needs: list[Need]) -> list[str]:
             out.append(f"not enough disk space: {parts}: {need / GB:.2f} GB needed with a 10% margin, "
                        f"{free / GB:.2f} GB free")
     return out
+
+
+def placement_warnings(needs: list[Need], volume: Path | None) -> list[str]:
+    """Folders outside the mounted volume: container disks on RunPod and Vast.ai are small and vanish on restart."""
+    if volume is None:
+        return []
+    vol = volume.resolve()
+    return [f"{n.what} ({n.bytes / GB:.2f} GB) goes to {n.folder}, outside the volume {vol}: it is lost when the "
+            f"pod restarts; point it under {vol}" for n in needs
+            if n.bytes and vol not in n.folder.expanduser().resolve().parents and n.folder.resolve() != vol]

@@ -170,14 +170,24 @@ def cache_folder() -> Path:
 
 def _snapshot(ref: str, revision: str, token: str, repo_type: str, allow: list[str] | None, what: str,
               attempts: int) -> Pulled:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+
+    def download():
+        return snapshot_download(ref, revision=revision, repo_type=repo_type, token=token or None,
+                                 allow_patterns=allow, ignore_patterns=NEVER)
 
     try:
-        path = retry(f"download {what} {ref}", lambda: snapshot_download(
-            ref, revision=revision, repo_type=repo_type, token=token or None, allow_patterns=allow,
-            ignore_patterns=NEVER), attempts)
+        path = retry(f"download {what} {ref}", download, attempts)
     except Exception as e:
-        raise _hub_error(what, ref, e) from None
+        if not _transient(e) or constants.HF_HUB_DISABLE_XET:
+            raise _hub_error(what, ref, e) from None
+        # Xet transfers are known to stall on large repos: one more round over plain HTTP before giving up
+        log.warning("download %s %s: still failing (%s); retrying with Xet disabled", what, ref, type(e).__name__)
+        constants.HF_HUB_DISABLE_XET = True
+        try:
+            path = retry(f"download {what} {ref} without Xet", download, attempts)
+        except Exception as e2:
+            raise _hub_error(what, ref, e2) from None
     return Pulled(Path(path), Path(path).name)  # snapshots/<commit sha>
 
 

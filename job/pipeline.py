@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from job.train import Trainer, eval_loss
 
 log = logging.getLogger("job")
 
+VOLUME = Path("/workspace")  # where RunPod and Vast.ai mount the persistent volume
 UPLOAD_GRACE_S = 60.0  # how long the end of a run waits for a checkpoint upload still in flight
 
 # LoKr over every Linear of the transformer: the seed's Attention-only preset barely moves a tiny model.
@@ -102,7 +104,10 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
     adapter_problems, adapter_params = model.adapter_check(config_dir, s.adapter.lycoris_config)
     problems += adapter_problems
     if not problems:
-        problems += disk.problems(disk_needs(s, specs, adapter_params))
+        needs = disk_needs(s, specs, adapter_params)
+        problems += disk.problems(needs)
+        for warning in disk.placement_warnings(needs, VOLUME if os.path.ismount(VOLUME) else None):
+            log.warning("%s", warning)
     if problems:
         raise ConfigError(problems)
     t = s.training

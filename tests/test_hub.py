@@ -120,3 +120,16 @@ def test_a_connection_dropped_mid_upload_is_retried(hub, tmp_path):
     assert hub.files(repo)["pytorch_lora_weights.safetensors"] == (
         tmp_path / "out" / "pytorch_lora_weights.safetensors").read_bytes()
     assert len(hub.requests("PUT", "/_lfs")) >= 2
+
+
+def test_a_stalled_download_is_retried_by_the_watchdog(hub, tmp_path):
+    """The server stops sending bytes mid-file; after DOWNLOAD_STALL_TIMEOUT the body is requested again and the
+    run completes (the stalled connection is only released after 60 s: without the watchdog the run would hang)."""
+    hub.stall_after(2000, match="diffusion_pytorch_model.safetensors", seconds=60)
+    try:
+        r = train(hub, tmp_path, download_stall_timeout=2, max_train_steps=1, timeout=120)
+    finally:
+        hub.release()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert hub.stalled.is_set()  # the stall really happened
+    assert len(hub.requests("GET", "diffusion_pytorch_model.safetensors")) >= 2

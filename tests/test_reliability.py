@@ -212,3 +212,12 @@ def test_no_secret_in_any_byte_a_full_run_writes(tiny_model, tmp_path):
     for secret in (HF_TOKEN, WANDB_KEY):
         assert secret.encode() not in written and secret.encode() not in logs, secret
     assert os.environ.get("HF_TOKEN") != HF_TOKEN  # and the test process itself was never given it
+
+
+def test_folders_off_the_volume_are_named_with_their_bytes(tmp_path):
+    volume = tmp_path / "workspace"
+    volume.mkdir()
+    needs = [disk.Need(volume / "hf", "model download", 3 * disk.GB), disk.Need(tmp_path / "out", "checkpoints", disk.GB)]
+    (warning,) = disk.placement_warnings(needs, volume)
+    assert "checkpoints (1.00 GB)" in warning and str(tmp_path / "out") in warning
+    assert disk.placement_warnings(needs, None) == []
