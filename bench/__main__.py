@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 # Each module has run() -> {metric: number}. Add new benchmarks here.
-MODULES = ["bench.caching"]
+MODULES = ["bench.caching", "bench.loop", "bench.startup"]
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 

@@ -263,6 +263,7 @@ class TrainingSettings:
     skip_nonfinite_steps: int = opt("0", "Skip up to this many steps with a non-finite loss or gradient before "
                                     "stopping with exit 5", _pos_int(0))
     use_ema: bool = opt("false", "Keep an EMA of the adapter weights")
+    profile: bool = opt("false", "Write a torch profiler trace of steps 3-5 to OUTPUT_DIR/profile/")
     ema_decay: float = opt("0.999", "EMA decay per optimizer step", _number(float, 0.0, 1.0, True))
     seed: int = opt("42", "Random seed (data order, noise, timesteps, adapter init)", _pos_int(0))
     flow_schedule_shift: float = opt("3.0", "Timestep shift s*shift/(1+(shift-1)*s); 1 = none",

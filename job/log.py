@@ -77,6 +77,8 @@ class StatusFile:
 
     def update(self, force: bool = False, **fields) -> None:
         self.state.update(fields)
+        if "phase" in fields:  # when each phase began (unix time): where start-up goes, for people and benches
+            self.state.setdefault("phase_started", {})[fields["phase"]] = round(time.time(), 3)
         now = time.monotonic()
         if self.path is None or not (force or "phase" in fields or now - self.last >= self.interval):
             return

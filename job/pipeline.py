@@ -165,7 +165,7 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
     notify.send("started", f"training {s.model_id} on {', '.join(ref for ref, _ in sources)}: "
                            f"{len(samples)} images, steps {trainer.step}→{total}", step=trainer.step, total_steps=total)
     try:
-        if trainer.step == 0:
+        if trainer.step == 0 and s.validation.validation_step_interval:
             validate(trainer, validator, 0, notify)  # the base model, for comparison
         trainer.run()
     finally:

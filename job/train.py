@@ -87,6 +87,23 @@ class EMA:
         self.shadow = {n: t.clone() for n, t in state["shadow"].items()}
 
 
+class _NoProfiler(contextlib.nullcontext):
+    def step(self) -> None:
+        pass
+
+
+def profiler(enabled: bool, folder: Path):
+    """PROFILE=true: a torch profiler trace of steps 3-5 (after two of warm-up), for chrome://tracing or TensorBoard."""
+    if not enabled:
+        return _NoProfiler()
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    log.info("profiling steps 3-5 into %s", folder)
+    return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(str(folder)), record_shapes=True)
+
+
 def micro_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
@@ -161,31 +178,37 @@ class Trainer:
     def run(self) -> None:
         t, accum = self.t, self.t.gradient_accumulation_steps
         progress, t0 = Progress(self.total_steps, self.step, status=self.status), time.monotonic()
-        while self.step < self.total_steps:
-            losses = []
-            for micro in range(accum):
-                index = self.step * accum + micro
-                g = micro_generator(t.seed, index)
-                latents, embeds = self.fetch(index, g)
-                loss = flow_loss(self.transformer, latents, embeds, g, t, self.patch_size, self.device, self.dtype)
-                (loss / accum).backward()
-                losses.append(loss.item())
-            grad_norm, loss = self.clip(), sum(losses) / accum
-            finite = self.apply(loss, grad_norm)
-            self.step += 1
-            lr = self.scheduler.get_last_lr()[0]
-            extra = {k: v for hook in self.hooks for k, v in (hook(self.step) or {}).items()}
-            self.metrics.write(step=self.step, loss=loss if finite else None, lr=lr,
-                               grad_norm=grad_norm if finite else None, elapsed_s=round(time.monotonic() - t0, 3),
-                               **extra, **({} if finite else {"skipped": True}))
-            progress.update(self.step, loss, lr)
-            if self.checkpoint_interval and self.step % self.checkpoint_interval == 0:
-                self.save_checkpoint()
-            signum = self.should_stop()
-            if signum:
-                path = self.save_checkpoint()
-                raise Interrupted(signum, f"stopped by signal {signum} at step {self.step}; checkpoint {path}; "
-                                          "the same command resumes")
+        with profiler(t.profile, self.checkpoint_dir.parent / "profile") as prof:
+            while self.step < self.total_steps:
+                self.train_step(t, accum, progress, t0)
+                prof.step()
+
+    def train_step(self, t: TrainingSettings, accum: int, progress: Progress, t0: float) -> None:
+        """One optimizer step: accumulate micro-batches, clip, update, log, checkpoint, honour a stop request."""
+        losses = []
+        for micro in range(accum):
+            index = self.step * accum + micro
+            g = micro_generator(t.seed, index)
+            latents, embeds = self.fetch(index, g)
+            loss = flow_loss(self.transformer, latents, embeds, g, t, self.patch_size, self.device, self.dtype)
+            (loss / accum).backward()
+            losses.append(loss.item())
+        grad_norm, loss = self.clip(), sum(losses) / accum
+        finite = self.apply(loss, grad_norm)
+        self.step += 1
+        lr = self.scheduler.get_last_lr()[0]
+        extra = {k: v for hook in self.hooks for k, v in (hook(self.step) or {}).items()}
+        self.metrics.write(step=self.step, loss=loss if finite else None, lr=lr,
+                           grad_norm=grad_norm if finite else None, elapsed_s=round(time.monotonic() - t0, 3),
+                           time=round(time.time(), 3), **extra, **({} if finite else {"skipped": True}))
+        progress.update(self.step, loss, lr)
+        if self.checkpoint_interval and self.step % self.checkpoint_interval == 0:
+            self.save_checkpoint()
+        signum = self.should_stop()
+        if signum:
+            path = self.save_checkpoint()
+            raise Interrupted(signum, f"stopped by signal {signum} at step {self.step}; checkpoint {path}; "
+                                      "the same command resumes")
 
     def apply(self, loss: float, grad_norm: float) -> bool:
         """The optimizer step; a non-finite loss or gradient is skipped (SKIP_NONFINITE_STEPS allows that many)

@@ -1,6 +1,7 @@
 """REPORT_TO through the real CLI: the tracker gets the metrics, never a secret."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,14 @@ def test_wandb_offline_run_has_the_scalars_and_no_secret(tiny_model, data, tmp_p
     assert b"learning_rate" in raw and b"optimizer" in raw  # the run config
     everything = all_bytes(out) + r.stdout.encode() + r.stderr.encode()
     assert TOKEN.encode() not in everything and WANDB_KEY.encode() not in everything
+
+
+def test_profile_writes_a_trace_of_a_few_steps(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("train", **TINY, model_id=tiny_model, dataset_id=data, output_dir=out, max_train_steps=6,
+                lycoris_config=ALL_LINEAR, profile="true", validation_step_interval=0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (trace,) = (out / "profile").glob("*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)
+    assert sum(e.get("name", "").startswith("ProfilerStep#") for e in events) == 3  # the three active steps
