@@ -136,6 +136,9 @@ class Tracker:
     def log(self, step: int, values: dict) -> None:
         pass
 
+    def images(self, step: int, files: list[Path]) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -151,6 +154,15 @@ class TensorBoardTracker(Tracker):
         for k, v in values.items():
             if isinstance(v, (int, float)):
                 self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def images(self, step: int, files: list[Path]) -> None:
+        import numpy as np
+        from PIL import Image
+
+        for f in files:
+            with Image.open(f) as im:
+                self.writer.add_image(f"samples/{f.stem}", np.asarray(im.convert("RGB")), step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:
@@ -170,6 +182,11 @@ class WandbTracker(Tracker):
 
     def log(self, step: int, values: dict) -> None:
         self.run.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def images(self, step: int, files: list[Path]) -> None:
+        import wandb
+
+        self.run.log({f"samples/{f.stem}": wandb.Image(str(f)) for f in files}, step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -156,17 +156,17 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
     resume_from(trainer, resume_point(s, out / "checkpoints"))
     validator = sample.Validator(s, out, transformer, model.load_vae(model_dir, device), model.load_scheduler(model_dir),
                                  lambda prompt: text_cache.get(text_keys[prompt]), device, fallback)
-    trainer.hooks = [eval_hook(s, trainer, samples, latents_of, text_cache, text_keys),
-                     lambda step: validate(trainer, validator, step, notify) if validator.due(step) else None]
     tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
                            o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
+    trainer.hooks = [eval_hook(s, trainer, samples, latents_of, text_cache, text_keys),
+                     lambda step: validate(trainer, validator, step, notify, tracker) if validator.due(step) else None]
     trainer.metrics = MetricsSink(out / "metrics.jsonl", resume_step=trainer.step, tracker=tracker)
     status.update(phase="training", step=trainer.step, total_steps=total)
     notify.send("started", f"training {s.model_id} on {', '.join(ref for ref, _ in sources)}: "
                            f"{len(samples)} images, steps {trainer.step}→{total}", step=trainer.step, total_steps=total)
     try:
         if trainer.step == 0 and s.validation.validation_step_interval:
-            validate(trainer, validator, 0, notify)  # the base model, for comparison
+            validate(trainer, validator, 0, notify, tracker)  # the base model, for comparison
         trainer.run()
     finally:
         trainer.metrics.close()
@@ -223,10 +223,11 @@ def disk_needs(s: Settings, specs, adapter_params: int) -> list[disk.Need]:
     return needs
 
 
-def validate(trainer: Trainer, validator: sample.Validator, step: int, notify) -> None:
+def validate(trainer: Trainer, validator: sample.Validator, step: int, notify, tracker) -> None:
     with trainer.final_weights():  # with USE_EMA, rounds show the EMA weights, as the published adapter will
         files = validator.render(step)
     if files:
+        tracker.images(step, files)
         notify.send("validation", f"samples at step {step}", files, step=step)
 
 

@@ -88,6 +88,9 @@ class EMA:
 
 
 class _NoProfiler(contextlib.nullcontext):
+    def __enter__(self):
+        return self
+
     def step(self) -> None:
         pass
 
@@ -200,15 +203,17 @@ class Trainer:
         extra = {k: v for hook in self.hooks for k, v in (hook(self.step) or {}).items()}
         self.metrics.write(step=self.step, loss=loss if finite else None, lr=lr,
                            grad_norm=grad_norm if finite else None, elapsed_s=round(time.monotonic() - t0, 3),
-                           time=round(time.time(), 3), **extra, **({} if finite else {"skipped": True}))
+                           it_per_s=round(progress.rate(self.step), 4), time=round(time.time(), 3), **extra,
+                           **({} if finite else {"skipped": True}))
         progress.update(self.step, loss, lr)
         if self.checkpoint_interval and self.step % self.checkpoint_interval == 0:
             self.save_checkpoint()
         signum = self.should_stop()
         if signum:
+            t_stop = time.monotonic()
             path = self.save_checkpoint()
-            raise Interrupted(signum, f"stopped by signal {signum} at step {self.step}; checkpoint {path}; "
-                                      "the same command resumes")
+            raise Interrupted(signum, f"stopped by signal {signum} at step {self.step}; checkpoint {path} written in "
+                                      f"{time.monotonic() - t_stop:.1f}s; the same command resumes")
 
     def apply(self, loss: float, grad_norm: float) -> bool:
         """The optimizer step; a non-finite loss or gradient is skipped (SKIP_NONFINITE_STEPS allows that many)

@@ -29,7 +29,7 @@ def test_tensorboard_gets_every_step_and_no_secret(tiny_model, data, tmp_path):
     out = tmp_path / "out"
     r = run_cli("train", **TINY, model_id=tiny_model, dataset_id=data, output_dir=out, max_train_steps=6,
                 lycoris_config=ALL_LINEAR, report_to="tensorboard", tracker_run_name="tb", hf_token=TOKEN,
-                wandb_api_key=WANDB_KEY)
+                wandb_api_key=WANDB_KEY, validation_step_interval=3)
     assert r.returncode == 0, r.stderr[-2000:]
     acc = EventAccumulator(str(out / "logs" / "tensorboard" / "tb"))
     acc.Reload()
@@ -37,6 +37,8 @@ def test_tensorboard_gets_every_step_and_no_secret(tiny_model, data, tmp_path):
     assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]
     jsonl = [float(ln.split('"loss": ')[1].split(",")[0]) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [round(e.value, 5) for e in losses] == [round(v, 5) for v in jsonl]
+    assert [e.step for e in acc.Scalars("it_per_s")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in acc.Images("samples/validation")] == [0, 3, 6]  # the sample images, every round
     everything = all_bytes(out) + r.stdout.encode() + r.stderr.encode()
     assert TOKEN.encode() not in everything and WANDB_KEY.encode() not in everything
 
@@ -45,13 +47,13 @@ def test_wandb_offline_run_has_the_scalars_and_no_secret(tiny_model, data, tmp_p
     out = tmp_path / "out"
     r = run_cli("train", **TINY, model_id=tiny_model, dataset_id=data, output_dir=out, max_train_steps=4,
                 lycoris_config=ALL_LINEAR, report_to="wandb", wandb_mode="offline", hf_token=TOKEN,
-                wandb_api_key=WANDB_KEY, timeout=300)
+                wandb_api_key=WANDB_KEY, validation_step_interval=2, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     (record,) = (out / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
     # wandb 0.31 keeps offline runs in a protobuf record log and ships no reader; its strings are stored raw.
     # No setting name contains "loss" or "grad_norm": these come from the logged history.
     raw = record.read_bytes()
-    assert b"loss" in raw and b"grad_norm" in raw
+    assert b"loss" in raw and b"grad_norm" in raw and b"samples/validation" in raw  # scalars and the images
     assert b"learning_rate" in raw and b"optimizer" in raw  # the run config
     everything = all_bytes(out) + r.stdout.encode() + r.stderr.encode()
     assert TOKEN.encode() not in everything and WANDB_KEY.encode() not in everything

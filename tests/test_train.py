@@ -66,6 +66,12 @@ def test_sampled_latents_move_towards_the_training_image(learned, tiny_model):
     assert tuned_mse < 0.5 * base_mse, (base_mse, tuned_mse)
 
 
+def test_without_ema_the_published_adapter_is_the_last_live_weights(learned):
+    published = load_file(str(learned / "pytorch_lora_weights.safetensors"))
+    live = load_file(str(learned / "checkpoints" / "checkpoint-200" / "adapter.safetensors"))
+    assert published.keys() == live.keys() and all(torch.equal(published[k], live[k]) for k in live)
+
+
 def test_saved_adapter_loads_onto_a_fresh_transformer_like_the_seed(learned, tiny_model):
     path = learned / "pytorch_lora_weights.safetensors"
     cfg = json.loads((learned / "lycoris_config.json").read_text())
