@@ -87,7 +87,7 @@ def test_a_finished_run_is_not_trained_twice(reference, tiny_model, data):
 
 def test_status_json_is_whole_at_every_moment(tiny_model, data, tmp_path):
     out = tmp_path / "out"
-    env = clean_env(**{**settings(tiny_model, data, out), "max_train_steps": 60})
+    env = clean_env(**{**settings(tiny_model, data, out), "max_train_steps": 40})
     proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "train"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     phases, reads = set(), 0
@@ -97,8 +97,9 @@ def test_status_json_is_whole_at_every_moment(tiny_model, data, tmp_path):
             state = json.loads(path.read_text())  # never a torn file
             phases.add(state["phase"])
             reads += 1
+        time.sleep(0.005)  # a tight loop, without starving the trainer of the machine's two cores
     _, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-2000:]
     final = json.loads((out / "status.json").read_text())
-    assert final["phase"] == "done" and final["step"] == 60 and final["total_steps"] == 60
+    assert final["phase"] == "done" and final["step"] == 40 and final["total_steps"] == 40
     assert reads > 20 and "training" in phases
