@@ -103,3 +103,24 @@ def test_status_json_is_whole_at_every_moment(tiny_model, data, tmp_path):
     final = json.loads((out / "status.json").read_text())
     assert final["phase"] == "done" and final["step"] == 40 and final["total_steps"] == 40
     assert reads > 20 and "training" in phases
+
+
+def test_a_second_signal_exits_at_once_and_corrupts_nothing(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    env = clean_env(**{**settings(tiny_model, data, out), "max_train_steps": 500, "checkpoint_step_interval": 1})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "train"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while steps_logged(out) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143 and time.monotonic() - t0 < 10
+    from job import checkpoint
+
+    kept = checkpoint.complete(out / "checkpoints")
+    assert kept  # checkpoint-1.. were written before the signals
+    for path in kept:
+        adapter, _, meta = checkpoint.load(path)
+        assert meta["step"] == checkpoint.step_of(path) and all(torch.isfinite(t).all() for t in adapter.values())
