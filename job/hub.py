@@ -57,7 +57,8 @@ def _transient(e: Exception) -> bool:
     if isinstance(e, HfHubHTTPError):
         status = getattr(e.response, "status_code", None)
         return status is None or status in (408, 429) or status >= 500
-    return isinstance(e, (ConnectionError, TimeoutError, OSError)) or "httpx" in type(e).__module__
+    # not OSError at large: a full disk or an unwritable HF_HOME is no network blip and must not read as one
+    return isinstance(e, (ConnectionError, TimeoutError)) or "httpx" in type(e).__module__
 
 
 def retry(what: str, fn: Callable[[], T], attempts: int) -> T:

@@ -93,13 +93,12 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
     problems = model.device_problems(s, device)
     if problems:
         raise ConfigError(problems)
-    o = s.output
+    o, specs = s.output, datasets(s)[0]
     hub.preflight(token=s.access.hf_token, model=(s.model_id, s.model.model_revision),
-                  datasets=[(spec.source, s.data.dataset_revision) for spec in datasets(s)[0]],
+                  datasets=[(spec.source, s.data.dataset_revision) for spec in specs],
                   output_repo=o.hub_model_id if o.push_to_hub else None, attempts=o.hub_retries)
     config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries)
     geo = model.read_geometry(config_dir)
-    specs = datasets(s)[0]
     problems += model.geometry_problems(s, geo, [spec.resolution for spec in specs])
     adapter_problems, adapter_params = model.adapter_check(config_dir, s.adapter.lycoris_config)
     problems += adapter_problems
@@ -302,17 +301,19 @@ def cache_text(model_dir: Path, samples, extra: list[str], folder: Path, device:
 
 
 def resume_from(trainer: Trainer, path: Path | None) -> None:
-    """Resume from `path`; a checkpoint that cannot be read (a disk fault, a crash in an older version) is set
-    aside and the one before it is tried."""
+    """Resume from `path`; a checkpoint whose files cannot be read (a disk fault, a crash in an older version) is
+    set aside and the one before it is tried. One that reads but does not fit the model is an error, not damage."""
     while path is not None:
         try:
-            trainer.resume(path)
-            return
+            loaded = checkpoint.load(path)
         except Exception as e:  # torch/safetensors raise many kinds for a damaged file
             aside = path.with_name(path.name + ".unreadable")
             path.replace(aside)
             log.warning("checkpoint %s cannot be read (%s); set aside as %s", path.name, type(e).__name__, aside.name)
             path = checkpoint.latest(path.parent)
+            continue
+        trainer.resume(path, loaded)
+        return
 
 
 def resume_point(s: Settings, ckpt_dir: Path) -> Path | None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from job import checkpoint, flow
 from job.config import TrainingSettings
-from job.errors import DivergedError, Interrupted
+from job.errors import ConfigError, DivergedError, Interrupted
 from job.log import MetricsSink, Progress, StatusFile
 
 log = logging.getLogger("job")
@@ -259,9 +259,15 @@ class Trainer:
         log.info("checkpoint %s written%s", path.name, f" ({len(removed)} old removed)" if removed else "")
         return path
 
-    def resume(self, path: Path) -> None:
-        adapter, state, meta = checkpoint.load(path)
-        self.network.load_state_dict(adapter)
+    def resume(self, path: Path, loaded: tuple | None = None) -> None:
+        """Continue from a checkpoint (`loaded`: what checkpoint.load already read from it)."""
+        adapter, state, meta = loaded or checkpoint.load(path)
+        try:
+            self.network.load_state_dict(adapter)
+        except RuntimeError as e:  # an adapter of another shape: the settings changed, the file is fine
+            raise ConfigError([f"RESUME_FROM_CHECKPOINT: {path} holds an adapter made with another LYCORIS_CONFIG "
+                               f"({str(e).splitlines()[0][:200]}); use the original settings, a new OUTPUT_DIR, or "
+                               "RESUME_FROM_CHECKPOINT=none"]) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema and "ema" in state:

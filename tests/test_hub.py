@@ -134,3 +134,10 @@ def test_a_stalled_download_is_retried_by_the_watchdog(hub, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert hub.stalled.is_set()  # the stall really happened
     assert len(hub.requests("GET", "diffusion_pytorch_model.safetensors")) >= 2
+
+
+def test_only_network_trouble_is_retried():
+    from job.hub import _transient
+
+    assert _transient(ConnectionError()) and _transient(TimeoutError())
+    assert not _transient(PermissionError("HF_HOME not writable")) and not _transient(OSError(28, "No space left"))

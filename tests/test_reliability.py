@@ -221,3 +221,16 @@ def test_folders_off_the_volume_are_named_with_their_bytes(tmp_path):
     (warning,) = disk.placement_warnings(needs, volume)
     assert "checkpoints (1.00 GB)" in warning and str(tmp_path / "out") in warning
     assert disk.placement_warnings(needs, None) == []
+
+
+def test_a_checkpoint_of_another_adapter_shape_is_an_error_not_damage(tiny_model, tmp_path):
+    common = dict(**TINY, model_id=tiny_model, dataset_id=builtin.single_image_dataset_dir(tmp_path / "d"),
+                  output_dir=tmp_path / "out", checkpoint_step_interval=2, validation_step_interval=0,
+                  max_train_steps=2)
+    assert run_cli("train", **common, lycoris_config=ALL_LINEAR).returncode == 0
+    (tmp_path / "out" / "completed.json").unlink()  # as if the first run had died at the end
+    other = json.dumps({**json.loads(ALL_LINEAR), "factor": 2})
+    r = run_cli("train", **common, lycoris_config=other)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "RESUME_FROM_CHECKPOINT" in r.stderr and "another LYCORIS_CONFIG" in r.stderr
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()  # a good checkpoint is never set aside
