@@ -110,8 +110,9 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
     if problems:
         raise ConfigError(problems)
     t = s.training
-    log.info("plan: %s → LoKr (%s), %d steps × batch %d × accumulation %d on %s, %s, base %s; output %s%s",
-             s.model_id, s.adapter.lycoris_config.get("algo"), t.max_train_steps, t.train_batch_size,
+    log.info("plan: %s → LoKr (%s), %s × batch %d × accumulation %d on %s, %s, base %s; output %s%s",
+             s.model_id, s.adapter.lycoris_config.get("algo"),
+             f"{t.max_train_steps} steps" if t.max_train_steps else f"{t.num_train_epochs} epochs", t.train_batch_size,
              t.gradient_accumulation_steps, device.type, t.mixed_precision, t.base_model_precision,
              s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
     return geo
