@@ -507,10 +507,18 @@ def cross_check(s: Settings) -> list[str]:
         p.append("MAX_TRAIN_STEPS=0 and NUM_TRAIN_EPOCHS=0: set one of them above 0")
     if m.enable_group_offload and m.enable_model_cpu_offload:
         p.append("ENABLE_GROUP_OFFLOAD=true with ENABLE_MODEL_CPU_OFFLOAD=true: choose one offload method")
-    if m.enable_group_offload or m.enable_model_cpu_offload:
-        which = "ENABLE_GROUP_OFFLOAD" if m.enable_group_offload else "ENABLE_MODEL_CPU_OFFLOAD"
-        p.append(f"{which}=true: offloading is not supported by this version of the job yet; "
-                 "use BASE_MODEL_PRECISION=int8-quanto to save memory")
+    if m.enable_group_offload:
+        if t.base_model_precision == "nf4-bnb":
+            p.append("ENABLE_GROUP_OFFLOAD=true with BASE_MODEL_PRECISION=nf4-bnb: bitsandbytes weights cannot be "
+                     "offloaded in groups; use int8-quanto or int4-quanto")
+        if m.group_offload_use_stream and m.group_offload_type == "block_level" and m.group_offload_blocks_per_group > 1:
+            p.append(f"GROUP_OFFLOAD_USE_STREAM=true prefetches one block at a time: set GROUP_OFFLOAD_BLOCKS_PER_GROUP=1 "
+                     f"(not {m.group_offload_blocks_per_group}) or turn the stream off")
+    else:
+        for name, value in (("GROUP_OFFLOAD_USE_STREAM", m.group_offload_use_stream),
+                            ("GROUP_OFFLOAD_TO_DISK_PATH", m.group_offload_to_disk_path)):
+            if value:
+                p.append(f"{name} is set but ENABLE_GROUP_OFFLOAD=false: set ENABLE_GROUP_OFFLOAD=true, or unset {name}")
     if o.push_to_hub and not o.hub_model_id:
         p.append("PUSH_TO_HUB=true needs HUB_MODEL_ID (user/name); set PUSH_TO_HUB=false to keep the output local")
     if o.push_to_hub and not s.access.hf_token:

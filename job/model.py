@@ -5,6 +5,7 @@ Knows nothing of datasets: it turns a model folder and settings into modules rea
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -102,10 +103,11 @@ def load_scheduler(model_dir: Path):
 
 
 def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
-    """The frozen base transformer at its training precision, quantised if asked, on `device`."""
+    """The frozen base transformer at its training precision, quantised if asked. On `device`, or on the CPU
+    when group offloading will move it block by block (`offload_transformer`, after the adapter is applied)."""
     from diffusers import AuraFlowTransformer2DModel
 
-    t = settings.training
+    t, m = settings.training, settings.memory
     dtype = train_dtype(settings)
     kwargs = {}
     if t.base_model_precision == "nf4-bnb":
@@ -120,12 +122,43 @@ def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
         if t.quantize_via == "accelerator":
             transformer.to(device)
         quantize_quanto(transformer, t.base_model_precision)
-    if t.base_model_precision != "nf4-bnb":
+        if m.enable_group_offload:
+            from job import offload
+
+            offload.expose_quantized_payload(transformer)  # quanto tensors cannot be offloaded as they are
+    if m.enable_group_offload:
+        transformer.to("cpu")
+    elif t.base_model_precision != "nf4-bnb":
         transformer.to(device)
-    if t.gradient_checkpointing:
+    if t.gradient_checkpointing or m.enable_group_offload:
+        if not t.gradient_checkpointing:
+            log.warning("ENABLE_GROUP_OFFLOAD=true turns on GRADIENT_CHECKPOINTING: without it autograd keeps every "
+                        "block's weights until the backward, and offloading would save nothing")
         transformer.enable_gradient_checkpointing()
     transformer.train()
     return transformer
+
+
+def offload_plan(settings: Settings):
+    from job import offload
+
+    m = settings.memory
+    return offload.Plan(m.group_offload_type, m.group_offload_blocks_per_group, m.group_offload_use_stream,
+                        m.group_offload_to_disk_path)
+
+
+def offload_transformer(transformer, network, settings: Settings, device: torch.device, model_dir: Path):
+    """ENABLE_GROUP_OFFLOAD: the base transformer's weights move to `device` a group at a time (the adapter's
+    never move). Returns the GroupOffload; its close() removes the run's disk folder."""
+    from job import offload
+
+    fingerprint = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), settings.training.base_model_precision,
+                                             settings.training.mixed_precision]).encode()).hexdigest()[:12]
+    off = offload.apply(transformer, network, device, offload_plan(settings), fingerprint)
+    log.info("group offload: %d groups (%s, %d block(s) per group%s), to %s", len(off.groups),
+             settings.memory.group_offload_type, settings.memory.group_offload_blocks_per_group,
+             ", stream prefetch" if off.stream else "", off.folder.path if off.folder else "CPU memory")
+    return off
 
 
 def quantize_quanto(transformer: torch.nn.Module, precision: str) -> None:
@@ -173,11 +206,12 @@ def adapter_check(model_dir: Path, lycoris_config: dict) -> tuple[list[str], int
     return [], sum(p.numel() for p in network.parameters())
 
 
-def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: torch.dtype):
-    """A LyCORIS network over the transformer, applied and trainable."""
+def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: torch.dtype,
+                   device: torch.device | None = None):
+    """A LyCORIS network over the transformer, applied and trainable, on `device` (default: the transformer's)."""
     network = _lycoris_network(transformer, lycoris_config)
     network.apply_to()
-    network.to(device=next(transformer.parameters()).device, dtype=dtype)
+    network.to(device=device or next(transformer.parameters()).device, dtype=dtype)
     network.requires_grad_(True)
     return network
 

@@ -1,0 +1,300 @@
+"""Group offloading in training (job/offload.py): LoKr gradients with offload equal those without, bit for bit;
+residency stays at the configured groups; each fix of the adaptation layer is pinned here.
+
+Models are AuraFlow transformers built from config (2 MMDiT + 3 single-DiT blocks, head dim 8, and one of
+~100M parameters) with random weights, on CPU: onload and offload devices are both the CPU, so memory mode
+moves no bytes, but disk mode really round-trips every weight through safetensors files, and the hooks run
+exactly as they would on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from diffusers import AuraFlowTransformer2DModel
+
+from job import model, offload
+from job.config import SEED_LYCORIS_CONFIG
+from job.pipeline import DEMO_LYCORIS
+
+CPU = torch.device("cpu")
+SMALL = dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=3,
+             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+             out_channels=4, pos_embed_max_size=64)
+LARGE = dict(sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=4, num_single_dit_layers=12,
+             attention_head_dim=64, num_attention_heads=8, joint_attention_dim=64, caption_projection_dim=512,
+             out_channels=4, pos_embed_max_size=256)  # 100.7M parameters
+
+
+@functools.cache
+def weights(config: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return AuraFlowTransformer2DModel(**globals()[config]).state_dict()
+
+
+def build(precision="no_change", checkpointing=True, plan=None, config="SMALL", lycoris=DEMO_LYCORIS, seed=0,
+          payload=True):
+    """(transformer, adapter, GroupOffload or None): the job's order — quantise, expose, adapter, offload."""
+    tr = AuraFlowTransformer2DModel(**globals()[config])
+    tr.load_state_dict(weights(config, seed))
+    tr.requires_grad_(False)
+    if precision != "no_change":
+        model.quantize_quanto(tr, precision)
+        if plan and payload:
+            offload.expose_quantized_payload(tr)
+    if checkpointing:
+        tr.enable_gradient_checkpointing()
+    tr.train()
+    torch.manual_seed(1)
+    net = model.create_adapter(tr, lycoris, torch.float32, CPU)
+    off = offload.apply(tr, net, CPU, plan, f"test{seed}") if plan else None
+    return tr, net, off
+
+
+def batch(config: str, step: int):
+    g = torch.Generator().manual_seed(step)
+    side = 8 if config == "SMALL" else 16
+    dim = globals()[config]["joint_attention_dim"]
+    return (torch.randn(2, 4, side, side, generator=g), torch.randn(2, 5, dim, generator=g),
+            torch.rand(2, generator=g) * 1000)
+
+
+def forward(tr, config: str, step: int) -> torch.Tensor:
+    x, e, t = batch(config, step)
+    return tr(hidden_states=x, encoder_hidden_states=e, timestep=t, return_dict=False)[0]
+
+
+def train_grads(tr, net, config="SMALL", steps=3) -> list[list[torch.Tensor]]:
+    """The adapter's gradients at each of `steps` AdamW steps (so later steps see updated adapter weights)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    out = []
+    for step in range(steps):
+        (forward(tr, config, step) ** 2).mean().backward()
+        out.append([p.grad.clone() for p in params])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_bit_exact(ref, got):
+    assert len(ref) == len(got)
+    for step, (a, b) in enumerate(zip(ref, got)):
+        assert len(a) == len(b)
+        for n, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"step {step}, parameter {n}: max |diff| {(x - y).abs().max().item()}"
+
+
+@functools.cache
+def reference(precision: str, config: str = "SMALL", lycoris: str = "demo", steps: int = 3):
+    tr, net, _ = build(precision, checkpointing=False, config=config,
+                       lycoris=DEMO_LYCORIS if lycoris == "demo" else SEED_LYCORIS_CONFIG)
+    return train_grads(tr, net, config, steps)
+
+
+# ---------------------------------------------------------------- gradients: bit-exact against no offload
+
+@pytest.mark.parametrize("precision", ["no_change", "int8-quanto"])
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
+@pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
+@pytest.mark.parametrize("kind,per_group", [("block_level", 1), ("block_level", 2), ("leaf_level", 1)])
+def test_lokr_gradients_with_offload_equal_the_reference(kind, per_group, disk, checkpointing, precision, tmp_path):
+    ref = reference(precision)
+    assert any(g.abs().sum() > 0 for g in ref[0])  # a reference that trains at all
+    plan = offload.Plan(kind, per_group, False, str(tmp_path) if disk else "")
+    tr, net, off = build(precision, checkpointing, plan)
+    assert_bit_exact(ref, train_grads(tr, net))
+    if checkpointing:
+        assert off.released == 3 * len(off.blocks)  # every block's backward offloaded its groups, every step
+    off.close()
+
+
+def test_int4_gradients_with_block_offload_on_disk_equal_the_reference(tmp_path):
+    ref = reference("int4-quanto")
+    tr, net, off = build("int4-quanto", True, offload.Plan("block_level", 2, False, str(tmp_path)))
+    assert_bit_exact(ref, train_grads(tr, net))
+
+
+def test_a_100m_parameter_model_with_int8_and_disk_offload_is_bit_exact(tmp_path):
+    ref = reference("int8-quanto", "LARGE", "seed", 2)
+    tr, net, off = build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)), config="LARGE",
+                         lycoris=SEED_LYCORIS_CONFIG)
+    assert sum(p.numel() for p in weights("LARGE").values()) > 100e6
+    assert_bit_exact(ref, train_grads(tr, net, "LARGE", 2))
+    assert sum(f.stat().st_size for f in off.folder.path.glob("*.safetensors")) > 90e6  # int8 payload on disk
+
+
+def test_adapter_parameters_stay_put_and_trainable(tmp_path):
+    tr, net, off = build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)))
+    before = {n: (p.data_ptr(), p.device) for n, p in net.named_parameters()}
+    train_grads(tr, net, steps=1)
+    assert {n: (p.data_ptr(), p.device) for n, p in net.named_parameters()} == before
+    assert all(p.requires_grad for p in net.parameters())
+    assert not any(p.requires_grad for p in tr.parameters())  # quanto's freeze() re-enabled them; the job undoes it
+
+
+# ---------------------------------------------------------------- residency
+
+class Residency:
+    """Counts onloaded groups through each group's onload_/offload_ (instance attributes set by this test):
+    the most block groups resident at once in the forward and in the backward, and how many after."""
+
+    def __init__(self, off: offload.GroupOffload):
+        self.off, self.resident, self.peak = off, set(), {"forward": 0, "backward": 0}
+        block_groups = {id(g) for gs in off.owned.values() for g in gs}
+        for g in off.groups:
+            if id(g) in block_groups:
+                g.onload_ = functools.partial(self._onload, g, g.onload_)
+                g.offload_ = functools.partial(self._offload, g, g.offload_)
+
+    def _onload(self, g, real):
+        real()
+        self.resident.add(id(g))
+        phase = "backward" if self.off.in_backward else "forward"
+        self.peak[phase] = max(self.peak[phase], len(self.resident))
+
+    def _offload(self, g, real):
+        real()
+        self.resident.discard(id(g))
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
+@pytest.mark.parametrize("kind,per_group", [("block_level", 1), ("block_level", 2), ("leaf_level", 1)])
+def test_at_most_the_configured_groups_are_resident_and_none_after_the_backward(kind, per_group, disk, tmp_path):
+    tr, net, off = build("int8-quanto", True, offload.Plan(kind, per_group, False, str(tmp_path) if disk else ""))
+    r = Residency(off)
+    for step in range(2):
+        (forward(tr, "SMALL", step) ** 2).mean().backward()
+        assert r.resident == set(), f"step {step}: {len(r.resident)} groups still loaded after the backward"
+    assert r.peak["backward"] >= 1  # the recompute did load groups: the count is live
+    # One group at a time in the forward. In the backward, autograd interleaves an MMDiT block's two streams
+    # with the block before it (measured: the earlier block's recompute starts while the later one's text
+    # stream still needs its weights), so two adjacent groups may overlap: the configured group plus one.
+    assert r.peak["forward"] <= 1 and r.peak["backward"] <= 2, r.peak
+
+
+def groups_held_by_autograd(checkpointing: bool, folder) -> int:
+    """How many block groups' onloaded weights autograd saved during one forward (seen by a saved-tensors hook)."""
+    tr, net, off = build("no_change", checkpointing, offload.Plan("block_level", 1, False, str(folder)))
+    weight_of, saved = {}, set()
+
+    def onload(g, real):
+        real()
+        weight_of.update({p.data_ptr(): id(g) for m in g.modules for p in m.parameters()})
+
+    for g in (g for gs in off.owned.values() for g in gs):
+        g.onload_ = functools.partial(onload, g, g.onload_)
+
+    def pack(t):
+        if t.data_ptr() in weight_of:
+            saved.add(weight_of[t.data_ptr()])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = (forward(tr, "SMALL", 0) ** 2).mean()
+    loss.backward()
+    off.close()
+    return len(saved)
+
+
+def test_without_checkpointing_autograd_holds_every_block_weight_until_the_backward(tmp_path):
+    """Why offloading turns checkpointing on: without it, offloaded blocks' weights stay alive in autograd's saved
+    tensors, so offloading saves nothing."""
+    assert groups_held_by_autograd(False, tmp_path / "a") == 5
+    assert groups_held_by_autograd(True, tmp_path / "b") == 0
+
+
+def test_checkpointing_is_turned_on_with_group_offload(tiny_model):
+    from job.config import build_settings
+
+    s = build_settings([{"dataset_id": "x", "push_to_hub": "false", "gradient_checkpointing": "false",
+                         "enable_group_offload": "true"}])
+    tr = model.load_transformer(tiny_model, s, CPU)
+    assert tr.is_gradient_checkpointing
+
+
+# ---------------------------------------------------------------- the other fixes
+
+def test_quanto_weights_without_exposed_payload_break_under_offload(tmp_path):
+    """The failure `expose_quantized_payload` exists for (memory mode without checkpointing: autograd saved the
+    quanto weight, which Module._apply must swap)."""
+    tr, net, _ = build("int8-quanto", False, offload.Plan("block_level", 1, False, ""), payload=False)
+    with pytest.raises(RuntimeError, match="swap"):
+        train_grads(tr, net, steps=1)
+    with pytest.raises(RuntimeError, match="storage"):  # disk mode: safetensors cannot write a quanto tensor
+        build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)), payload=False)
+
+
+def test_exposed_payload_keeps_outputs_and_state_dict():
+    a, _, _ = build("int8-quanto", False)
+    b, _, _ = build("int8-quanto", False)
+    assert offload.expose_quantized_payload(b) > 0
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        assert torch.equal(forward(a, "SMALL", 0), forward(b, "SMALL", 0))
+    assert not any(p.requires_grad for p in b.parameters())
+    assert {p.dtype for p in b.parameters()} >= {torch.int8}  # the payload really is a plain parameter
+
+
+def test_two_models_sharing_one_disk_path_each_compute_their_own_outputs(tmp_path):
+    """diffusers reuses any file already in the folder (first model's weights served to the second); each run's
+    fresh folder prevents it. Both models stay alive and train together, as two runs on one volume would."""
+    plan = offload.Plan("block_level", 1, False, str(tmp_path))
+    runs = [build("no_change", True, plan, seed=seed) for seed in (0, 1)]
+    with torch.no_grad():
+        expected = []
+        for seed in (0, 1):
+            tr, _, _ = build("no_change", False, seed=seed)
+            expected.append(forward(tr, "SMALL", 0))
+        assert not torch.equal(expected[0], expected[1])
+        for (tr, _, _), want in zip(runs, expected):
+            assert torch.equal(forward(tr, "SMALL", 0), want)
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) == 2 and all(f.startswith("offload-test") for f in folders)
+    for _, _, off in runs:
+        off.close()
+    assert list(tmp_path.iterdir()) == []  # removed at the end of the run
+
+
+def test_a_dead_runs_offload_folder_is_removed_and_a_live_one_kept(tmp_path):
+    live = offload.DiskFolder(tmp_path, "live")
+    dead = tmp_path / "offload-dead-x"
+    dead.mkdir()
+    (dead / ".lock").write_text("")
+    (dead / "group_0.safetensors").write_bytes(b"x" * 100)
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    new = offload.DiskFolder(tmp_path, "new")
+    assert new.swept == [dead]
+    assert live.path.is_dir() and other.is_dir() and not dead.exists()
+    live.remove()
+    new.remove()
+
+
+def test_offload_needs_the_adapter_applied_first():
+    """At leaf level, hooks applied under LyCORIS would release the base weight before LyCORIS reads it."""
+    tr = AuraFlowTransformer2DModel(**SMALL)
+    with pytest.raises(ValueError, match="adapter"):
+        offload.apply(tr, torch.nn.Module(), CPU, offload.Plan("leaf_level"), "x")
+
+
+def test_stream_prefetch_chain_is_reversed_for_the_backward_and_restored_for_the_forward():
+    """Streams need CUDA (bench/gpu.sh runs them); this checks the chain the backward would prefetch along,
+    on the real diffusers hooks, with the forward chain set as diffusers' first-forward trace sets it."""
+    tr, net, off = build("no_change", True, offload.Plan("block_level", 1, False, ""))
+    top = offload._group_hook(tr)
+    block_hooks = [offload._group_hook(b) for b in off.blocks]
+    order = [h.group for h in block_hooks]
+    top.next_group = order[0]
+    for h, nxt in zip(block_hooks, order[1:] + [None]):
+        h.next_group = nxt
+    off.stream = True  # only the chain bookkeeping runs on CPU: no group here has a stream to load on
+    forward(tr, "SMALL", 0)  # a first forward: the chain is read, then reversed for the backward
+    assert [h.next_group for h in block_hooks] == [None] + order[:-1]
+    assert top.next_group is None
+    with torch.no_grad():
+        forward(tr, "SMALL", 1)  # the next forward runs on the forward chain again
+    assert [h.next_group for h in block_hooks] == order[1:] + [None] and top.next_group is order[0]
