@@ -514,7 +514,10 @@ def cross_check(s: Settings) -> list[str]:
         if m.group_offload_use_stream and m.group_offload_type == "block_level" and m.group_offload_blocks_per_group > 1:
             p.append(f"GROUP_OFFLOAD_USE_STREAM=true prefetches one block at a time: set GROUP_OFFLOAD_BLOCKS_PER_GROUP=1 "
                      f"(not {m.group_offload_blocks_per_group}) or turn the stream off")
-    else:
+    if m.enable_model_cpu_offload and t.base_model_precision == "nf4-bnb":
+        p.append("ENABLE_MODEL_CPU_OFFLOAD=true with BASE_MODEL_PRECISION=nf4-bnb: bitsandbytes weights cannot move "
+                 "between devices; use int8-quanto or int4-quanto")
+    if not m.enable_group_offload:
         for name, value in (("GROUP_OFFLOAD_USE_STREAM", m.group_offload_use_stream),
                             ("GROUP_OFFLOAD_TO_DISK_PATH", m.group_offload_to_disk_path)):
             if value:

@@ -122,10 +122,10 @@ def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
         if t.quantize_via == "accelerator":
             transformer.to(device)
         quantize_quanto(transformer, t.base_model_precision)
-        if m.enable_group_offload:
+        if m.enable_group_offload or m.enable_model_cpu_offload:
             from job import offload
 
-            offload.expose_quantized_payload(transformer)  # quanto tensors cannot be offloaded as they are
+            offload.expose_quantized_payload(transformer)  # quanto tensors do not move reliably as they are
     if m.enable_group_offload:
         transformer.to("cpu")
     elif t.base_model_precision != "nf4-bnb":
@@ -189,21 +189,50 @@ def _lycoris_preset(preset: dict):
             setattr(LycorisNetwork, n, v)
 
 
-def adapter_check(model_dir: Path, lycoris_config: dict) -> tuple[list[str], int]:
-    """(problems, trainable parameter count): the LyCORIS network built over a weightless (meta) transformer,
-    so a bad preset fails in a second, before any weights move."""
+def adapter_check(model_dir: Path, lycoris_config: dict):
+    """(problems, trainable parameter count, the transformer's ModelSize): the LyCORIS network built over a
+    weightless (meta) transformer, so a bad preset fails in a second, before any weights move."""
     from accelerate import init_empty_weights
     from diffusers import AuraFlowTransformer2DModel
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel.from_config(AuraFlowTransformer2DModel.load_config(model_dir / "transformer"))
+        size = model_size(shell, read_geometry(model_dir))
         try:
             network = _lycoris_network(shell, lycoris_config)
         except ConfigError as e:
-            return e.problems, 0
+            return e.problems, 0, size
         except (TypeError, ValueError) as e:
-            return [f"LYCORIS_CONFIG: lycoris rejected it: {e}"], 0
-    return [], sum(p.numel() for p in network.parameters())
+            return [f"LYCORIS_CONFIG: lycoris rejected it: {e}"], 0, size
+    # before apply_to() the LoKr modules are not yet registered on the network: count them directly
+    return [], sum(p.numel() for lora in network.loras for p in lora.parameters()), size
+
+
+def model_size(transformer: torch.nn.Module, geo: Geometry):
+    """Parameter counts for the memory estimate (works on a meta-device shell)."""
+    from job.memory import ModelSize
+
+    blocks = [b for c in transformer.children() if isinstance(c, torch.nn.ModuleList) for b in c]
+    linear = [sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks]
+    total = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    leaves = [sum(p.numel() for p in m.parameters(recurse=False)) for m in transformer.modules()]
+    cfg = transformer.config
+    return ModelSize(outside=sum(p.numel() for p in transformer.parameters()) - sum(total),
+                     block_linear=tuple(linear), block_other=tuple(t - lin for t, lin in zip(total, linear)),
+                     largest_leaf=max(leaves), hidden=cfg.num_attention_heads * cfg.attention_head_dim,
+                     patch_size=geo.patch_size, vae_scale_factor=geo.vae_scale_factor)
+
+
+def memory_estimate(settings: Settings, size, adapter_params: int, resolution: int):
+    from job import memory
+
+    t, m = settings.training, settings.memory
+    return memory.estimate(size, adapter_params, precision=t.base_model_precision, mixed_precision=t.mixed_precision,
+                           optimizer=t.optimizer, resolution=resolution, batch=t.train_batch_size,
+                           text_tokens=MAX_SEQUENCE_LENGTH,
+                           checkpointing=t.gradient_checkpointing or m.enable_group_offload,
+                           group_offload=m.enable_group_offload, offload_type=m.group_offload_type,
+                           blocks_per_group=m.group_offload_blocks_per_group, stream=m.group_offload_use_stream)
 
 
 def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: torch.dtype,

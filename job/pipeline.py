@@ -100,10 +100,10 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
     config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries)
     geo = model.read_geometry(config_dir)
     problems += model.geometry_problems(s, geo, [spec.resolution for spec in specs])
-    adapter_problems, adapter_params = model.adapter_check(config_dir, s.adapter.lycoris_config)
+    adapter_problems, adapter_params, size = model.adapter_check(config_dir, s.adapter.lycoris_config)
     problems += adapter_problems
     if not problems:
-        needs = disk_needs(s, specs, adapter_params)
+        needs = disk_needs(s, specs, adapter_params, size)
         problems += disk.problems(needs)
         for warning in disk.placement_warnings(needs, VOLUME if os.path.ismount(VOLUME) else None):
             log.warning("%s", warning)
@@ -115,7 +115,22 @@ def preflight(s: Settings, device: torch.device) -> model.Geometry:
              f"{t.max_train_steps} steps" if t.max_train_steps else f"{t.num_train_epochs} epochs", t.train_batch_size,
              t.gradient_accumulation_steps, device.type, t.mixed_precision, t.base_model_precision,
              s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
+    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs))
     return geo
+
+
+def report_memory(s: Settings, device: torch.device, size, adapter_params: int, resolution: int) -> None:
+    m = s.memory
+    est = model.memory_estimate(s, size, adapter_params, resolution)
+    offload = (f"group offload {m.group_offload_type}" + (", stream" if m.group_offload_use_stream else "")
+               if m.enable_group_offload else "model CPU offload" if m.enable_model_cpu_offload else "no offload")
+    log.info("memory: %s at %d px, batch %d, %s", est.describe(), resolution, s.training.train_batch_size, offload)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        if est.total > total:
+            log.warning("memory: the estimate exceeds this GPU's %.1f GiB; expect out-of-memory. Lower it with "
+                        "BASE_MODEL_PRECISION=int8-quanto, ENABLE_GROUP_OFFLOAD=true, GRADIENT_CHECKPOINTING=true or "
+                        "a smaller RESOLUTION / TRAIN_BATCH_SIZE", total / 2**30)
 
 
 def train(s: Settings, device: torch.device, geo: model.Geometry, status: StatusFile, notify) -> None:
@@ -142,9 +157,12 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
     total = t.max_train_steps or t.num_train_epochs * max(1, plan.batches_per_epoch // t.gradient_accumulation_steps)
     transformer = model.load_transformer(model_dir, s, device)
     torch.manual_seed(t.seed)
-    network = model.create_adapter(transformer, s.adapter.lycoris_config, model.train_dtype(s))
+    network = model.create_adapter(transformer, s.adapter.lycoris_config, model.train_dtype(s), device)
     log.info("adapter: %d LyCORIS modules, %d trainable parameters", len(network.loras),
              sum(p.numel() for p in network.parameters() if p.requires_grad))
+    # ENABLE_GROUP_OFFLOAD: its disk folder goes at exit, however the run ends (DiskFolder registers that)
+    offloaded = model.offload_transformer(transformer, network, s, device, model_dir) if s.memory.enable_group_offload \
+        else None
 
     uploader = (hub.CheckpointUploader(o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
                                        limit=s.checkpoints.checkpoints_total_limit, attempts=o.hub_retries)
@@ -155,7 +173,9 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
                       on_checkpoint=lambda path: checkpointed(path, uploader, notify))
     resume_from(trainer, resume_point(s, out / "checkpoints"))
     validator = sample.Validator(s, out, transformer, model.load_vae(model_dir, device), model.load_scheduler(model_dir),
-                                 lambda prompt: text_cache.get(text_keys[prompt]), device, fallback)
+                                 lambda prompt: text_cache.get(text_keys[prompt]), device, fallback,
+                                 park_vae=s.memory.offload_during_startup or s.memory.enable_model_cpu_offload,
+                                 park_transformer=s.memory.enable_model_cpu_offload)
     tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
                            o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
     trainer.hooks = [eval_hook(s, trainer, samples, latents_of, text_cache, text_keys),
@@ -191,6 +211,8 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
         status.update(phase="push")
         pushed = hub.push(out, o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
                           attempts=o.hub_retries)
+    if offloaded:
+        offloaded.close()
     # last: a restart with these settings exits at once
     outputs.write_completion(out, s.public_dict(), pushed, s.cloud.pod_action_on_success)
     status.update(phase="done")
@@ -198,7 +220,7 @@ def train(s: Settings, device: torch.device, geo: model.Geometry, status: Status
                 output_dir=str(out))
 
 
-def disk_needs(s: Settings, specs, adapter_params: int) -> list[disk.Need]:
+def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]:
     """What this run will write where: model and dataset downloads, caches, checkpoints, samples."""
     o, r = s.output, s.output.hub_retries
     hf, out = hub.cache_folder(), Path(o.output_dir)
@@ -218,6 +240,11 @@ def disk_needs(s: Settings, specs, adapter_params: int) -> list[disk.Need]:
         cache = Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"
         needs.append(disk.Need(cache, "latent cache", disk.latent_bytes(spec.resolution, images)))
         needs.append(disk.Need(out / "cache" / "text", "text-embedding cache", disk.text_bytes(images + 32)))
+    if s.memory.enable_group_offload and s.memory.group_offload_to_disk_path:
+        from job.memory import weight_bytes
+
+        needs.append(disk.Need(Path(s.memory.group_offload_to_disk_path), "group offload files",
+                               int(weight_bytes(size, s.training.base_model_precision, s.training.mixed_precision))))
     needs.append(disk.Need(out, "checkpoints", disk.checkpoint_bytes(adapter_params,
                                                                     s.checkpoints.checkpoints_total_limit)))
     return needs

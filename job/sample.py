@@ -52,7 +52,9 @@ class Validator:
     """Renders the validation set at a step; same seed every round, so rounds are comparable."""
 
     def __init__(self, s: Settings, out: Path, transformer, vae, scheduler, embed_of, device: torch.device,
-                 fallback: str):
+                 fallback: str, park_vae: bool = False, park_transformer: bool = False):
+        """park_vae: the VAE waits on the CPU between decodes (OFFLOAD_DURING_STARTUP, ENABLE_MODEL_CPU_OFFLOAD);
+        park_transformer: the transformer also leaves the GPU while the VAE decodes (ENABLE_MODEL_CPU_OFFLOAD)."""
         from diffusers import AuraFlowPipeline
 
         self.s, self.v, self.out, self.device = s, s.validation, out / SAMPLES, device
@@ -61,7 +63,10 @@ class Validator:
         self.pipe = AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                                      scheduler=scheduler)
         self.pipe.set_progress_bar_config(disable=True)
-        self.transformer = transformer
+        self.transformer, self.vae = transformer, vae
+        self.park_vae, self.park_transformer = park_vae or park_transformer, park_transformer
+        if self.park_vae:
+            vae.to("cpu")
         self.rendered = -1  # the step of the last round rendered by this process
 
     def due(self, step: int) -> bool:
@@ -88,12 +93,12 @@ class Validator:
         try:
             for job in self.jobs:
                 emb, mask = self._embeds(job.prompt)
-                image = self.pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=neg,
-                                  negative_prompt_attention_mask=neg_mask, width=job.size[0], height=job.size[1],
-                                  num_inference_steps=self.v.validation_num_inference_steps,
-                                  guidance_scale=self.v.validation_guidance,
-                                  generator=torch.Generator("cpu").manual_seed(self.v.validation_seed)).images[0]
-                image.save(tmp / f"{job.name}.png")
+                latents = self.pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+                                    negative_prompt_attention_mask=neg_mask, width=job.size[0], height=job.size[1],
+                                    num_inference_steps=self.v.validation_num_inference_steps,
+                                    guidance_scale=self.v.validation_guidance, output_type="latent",
+                                    generator=torch.Generator("cpu").manual_seed(self.v.validation_seed)).images
+                self.decode(latents).save(tmp / f"{job.name}.png")
         finally:
             self.transformer.train(was_training)
         shutil.rmtree(folder, ignore_errors=True)
@@ -102,6 +107,23 @@ class Validator:
         write_grid(self.out)
         log.info("validation: %d image(s) for step %d in %s", len(self.jobs), step, folder)
         return self._promote(folder) if final else sorted(folder.glob("*.png"))
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """What AuraFlowPipeline does after denoising, with the VAE brought in (and the transformer out) when
+        parked, so only one of them needs the GPU at a time."""
+        if self.park_transformer:
+            self.transformer.to("cpu")
+        if self.park_vae:
+            self.vae.to(self.device)
+        try:
+            pixels = self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor,
+                                     return_dict=False)[0]
+            return self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+        finally:
+            if self.park_vae:
+                self.vae.to("cpu")
+            if self.park_transformer:
+                self.transformer.to(self.device)
 
     def finals(self) -> list[tuple[Path, str]]:
         """The final images with their prompts, for the model card."""

@@ -1,0 +1,96 @@
+"""Predicted peak accelerator memory of a training step, from parameter counts and settings (pure arithmetic).
+
+`check` prints it, so a user learns before renting a GPU whether the settings fit; bench/gpu.py prints it beside
+the measured peak (torch.cuda.max_memory_allocated, which leaves out the ~0.5-1 GiB CUDA context).
+
+The terms, for one step of batch B at resolution R with a frozen base and a LoKr adapter:
+- base weights resident: everything without offloading; with group offloading the non-block layers plus the
+  groups that can be loaded at once (measured in tests/test_offload.py: the configured group plus one, as a
+  block's backward overlaps the next block's recompute; one more with stream prefetch);
+- adapter: weights, gradients and optimizer state;
+- activations: with checkpointing each block's inputs are kept and one block's internals live at a time;
+  without it every block's internals live until the backward. Attention is flash/memory-efficient on CUDA
+  (no sequence² term).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2**30
+# Tensors of hidden width alive inside one MMDiT block during its forward+backward, per token: q, k, v, attention
+# out, two norms and modulations, the gated MLP (3 × 8/3 width), their gradients. An upper estimate.
+BLOCK_WORKING_WIDTHS = 32
+REGISTER_TOKENS = 8  # AuraFlow prepends these to the text tokens
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Parameter counts of the transformer (from a weightless instance of its config)."""
+
+    outside: int  # not in any block: embeddings, final norm and projection (never quantised)
+    block_linear: tuple[int, ...]  # per block: Linear weights (what quanto quantises)
+    block_other: tuple[int, ...]  # per block: biases, norms
+    largest_leaf: int  # the largest single layer (a leaf-level group)
+    hidden: int
+    patch_size: int
+    vae_scale_factor: int
+
+    @property
+    def total(self) -> int:
+        return self.outside + sum(self.block_linear) + sum(self.block_other)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: float
+    adapter: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.adapter + self.activations
+
+    def describe(self) -> str:
+        return (f"≈{self.total / GiB:.1f} GiB peak accelerator memory (base weights {self.weights / GiB:.1f}, "
+                f"adapter and optimizer {self.adapter / GiB:.2f}, activations {self.activations / GiB:.1f}; "
+                "plus the CUDA context)")
+
+
+QUANT_BYTES = {"int8-quanto": 1.0 + 4 / 1024, "int4-quanto": 0.5 + 4 / 128, "nf4-bnb": 0.5 + 4 / 64}
+OPTIMIZER_STATES = {"adamw": 2, "optimi-adamw": 2, "adamw_bf16": 2, "optimi-lion": 1}  # × the parameter's bytes
+OPTIMIZER_BYTES = {"bnb-adamw8bit": 2, "bnb-adamw8bit-paged": 2, "bnb-lion8bit": 1, "bnb-lion8bit-paged": 1}
+
+
+def weight_bytes(size: ModelSize, precision: str, mixed_precision: str) -> float:
+    """The base weights at their training precision (also what disk offloading writes)."""
+    dense = 2 if mixed_precision == "bf16" else 4
+    return size.outside * dense + sum(size.block_linear) * QUANT_BYTES.get(precision, dense) + sum(size.block_other) * dense
+
+
+def estimate(size: ModelSize, adapter_params: int, *, precision: str, mixed_precision: str, optimizer: str,
+             resolution: int, batch: int, text_tokens: int, checkpointing: bool, group_offload: bool = False,
+             offload_type: str = "block_level", blocks_per_group: int = 1, stream: bool = False) -> Estimate:
+    dense = 2 if mixed_precision == "bf16" else 4
+    linear_bytes = QUANT_BYTES.get(precision, dense)
+    blocks = [lin * linear_bytes + other * dense for lin, other in zip(size.block_linear, size.block_other)]
+    if not group_offload:
+        weights = size.outside * dense + sum(blocks)
+    elif offload_type == "leaf_level":
+        weights = (3 if stream else 2) * size.largest_leaf * dense
+    else:
+        group = max(sum(blocks[i:i + blocks_per_group]) for i in range(0, len(blocks), blocks_per_group))
+        weights = size.outside * dense + (3 if stream else 2) * group
+
+    states = OPTIMIZER_BYTES.get(optimizer, OPTIMIZER_STATES.get(optimizer, 2) * dense)
+    kahan = dense if dense == 2 and optimizer in ("adamw_bf16", "optimi-adamw", "optimi-lion") else 0
+    adapter = adapter_params * (2 * dense + states + kahan)
+
+    latent = resolution // size.vae_scale_factor // size.patch_size
+    tokens = batch * (latent * latent + text_tokens + REGISTER_TOKENS)
+    width_bytes = tokens * size.hidden * dense
+    n = len(size.block_linear)
+    if checkpointing:
+        activations = n * width_bytes + BLOCK_WORKING_WIDTHS * width_bytes
+    else:
+        activations = n * BLOCK_WORKING_WIDTHS * width_bytes
+    return Estimate(float(weights), float(adapter), float(activations))
