@@ -311,6 +311,26 @@ def test_contradictions_are_errors():
     _one_naming(_problems([{"push_to_hub": "false"}]), "DATASET_ID")
 
 
+@pytest.mark.parametrize("extra,names", [
+    ({"enable_group_offload": "true", "base_model_precision": "nf4-bnb"}, ("ENABLE_GROUP_OFFLOAD", "nf4-bnb")),
+    ({"enable_model_cpu_offload": "true", "base_model_precision": "nf4-bnb"}, ("ENABLE_MODEL_CPU_OFFLOAD", "nf4-bnb")),
+    ({"enable_group_offload": "true", "group_offload_use_stream": "true", "group_offload_blocks_per_group": "2"},
+     ("GROUP_OFFLOAD_USE_STREAM", "GROUP_OFFLOAD_BLOCKS_PER_GROUP")),
+    ({"group_offload_use_stream": "true"}, ("GROUP_OFFLOAD_USE_STREAM", "ENABLE_GROUP_OFFLOAD")),
+    ({"group_offload_to_disk_path": "/fast-ssd/offload"}, ("GROUP_OFFLOAD_TO_DISK_PATH", "ENABLE_GROUP_OFFLOAD")),
+])
+def test_offload_contradictions_are_errors(extra, names):
+    _one_naming(_problems([MINIMAL, extra]), *names)
+
+
+def test_the_seeds_offload_settings_are_accepted():
+    s = build_settings([MINIMAL, {"enable_group_offload": "true", "group_offload_type": "block_level",
+                                  "group_offload_blocks_per_group": "1", "group_offload_use_stream": "true",
+                                  "group_offload_to_disk_path": "/fast-ssd/offload",
+                                  "base_model_precision": "int8-quanto"}])
+    assert s.memory.enable_group_offload and s.memory.group_offload_use_stream
+
+
 def test_bad_value_does_not_also_raise_its_contradictions():
     # PUSH_TO_HUB=maybe falls back to a stand-in; its cross-checks must not add noise about HUB_MODEL_ID.
     problems = _problems([{"dataset_id": "x", "push_to_hub": "maybe"}])
