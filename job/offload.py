@@ -209,6 +209,7 @@ class GroupOffload:
                          for i, b in enumerate(self.blocks)}
         self.released = 0  # block backwards that offloaded their groups (tests and logs)
         self._forward_chain: dict | None = None
+        self._reversed_chain: dict = {}
         self._handles = [model.register_forward_pre_hook(self._enter_forward),
                          model.register_forward_hook(self._leave_forward)]
         for i, block in enumerate(self.blocks):
@@ -225,11 +226,12 @@ class GroupOffload:
     def _leave_forward(self, module, args, output):
         if self.stream and self._forward_chain is None:
             self._forward_chain = self._read_chain()  # diffusers traced the execution order in this first forward
+            self._reversed_chain = self._backward_chain()
         if torch.is_grad_enabled():
             self.in_backward = True  # from here until the next forward, block forwards are checkpoint recomputes
             self._set_onload_self(False)
             if self._forward_chain is not None:
-                self._set_chain(self._backward_chain())
+                self._set_chain(self._reversed_chain)
 
     def _block_pre(self, i: int, block, args, kwargs):
         if not torch.is_grad_enabled():
