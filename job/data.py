@@ -251,11 +251,11 @@ def make_plan(samples: list[Sample], batch_size: int, seed: int, processes: int 
 def cache_latents(samples: list[Sample], cache, encode: Callable[[torch.Tensor], torch.Tensor],
                   batch_size: int, mine: Callable[[int], bool] = lambda i: True) -> dict[int, str]:
     """Latent cache key per usable sample index; encodes only what the cache lacks, a bucket's images batched.
-    Images whose pixels cannot be decoded get no key. With several processes, each encodes the missing samples
-    that are `mine` and the others' appear in the cache once they are done."""
+    Images whose pixels cannot be decoded get no key. With several processes, each looks after the samples that
+    are `mine`; the others' appear in the cache once they are done."""
     keys = {i: cache.key(file_digest(s.path), s.bucket, s.geometry) for i, s in enumerate(samples)}
-    missing = [i for i in keys if not cache.has(keys[i])]
-    todo = [i for i in missing if mine(i)]
+    share = [i for i in keys if mine(i)]
+    todo = [i for i in share if not cache.has(keys[i])]
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i in todo:
         by_bucket.setdefault(samples[i].bucket, []).append(i)
@@ -283,9 +283,9 @@ def cache_latents(samples: list[Sample], cache, encode: Callable[[torch.Tensor],
             log.info("caching latents %d/%d (%.1f img/s, eta %.0fs)", done, len(todo), rate, (len(todo) - done) / rate)
     for i in bad:
         del keys[i]
-    log.info("latents: %d cached before, %d encoded now%s%s", len(samples) - len(missing), len(todo) - len(bad),
+    log.info("latents: %d cached before, %d encoded now%s%s", len(share) - len(todo), len(todo) - len(bad),
              f", {len(bad)} undecodable image(s) skipped" if bad else "",
-             f", {len(missing) - len(todo)} left to the other processes" if len(todo) < len(missing) else "")
+             f" (this process's share of {len(keys)})" if len(share) < len(keys) else "")
     return keys
 
 
@@ -294,14 +294,14 @@ def cache_text(captions: list[str], cache, encode: Callable[[list[str]], torch.T
     """Text-embedding cache key per caption; encodes only what the cache lacks (of the distinct captions, those
     that are `mine`, as in cache_latents)."""
     keys = {c: cache.key(c) for c in dict.fromkeys(captions)}
-    missing = [(n, c) for n, c in enumerate(keys) if not cache.has(keys[c])]
-    todo = [c for n, c in missing if mine(n)]
+    share = [c for n, c in enumerate(keys) if mine(n)]
+    todo = [c for c in share if not cache.has(keys[c])]
     for k in range(0, len(todo), batch_size):
         chunk = todo[k:k + batch_size]
         for c, emb in zip(chunk, encode(chunk)):
             cache.put(keys[c], emb)
-    log.info("text embeddings: %d cached before, %d encoded now%s", len(keys) - len(missing), len(todo),
-             f", {len(missing) - len(todo)} left to the other processes" if len(todo) < len(missing) else "")
+    log.info("text embeddings: %d cached before, %d encoded now%s", len(share) - len(todo), len(todo),
+             f" (this process's share of {len(keys)})" if len(share) < len(keys) else "")
     return keys
 
 
