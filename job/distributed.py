@@ -176,8 +176,9 @@ def started(ranks: Ranks, device: torch.device) -> Iterator[Context]:
     if device.type == "cuda":
         torch.cuda.set_device(ranks.local_rank)  # so that a bare "cuda" anywhere means this rank's GPU
         device = torch.device("cuda", ranks.local_rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=STEP_TIMEOUT)
+    cuda = device.type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, timeout=STEP_TIMEOUT, device_id=device if cuda else None)
     waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     log.info("data parallel: %d processes (%s), master %s", ranks.world, backend, ranks.master_addr or "local")
     try:
