@@ -49,8 +49,10 @@ def relaunch(argv: list[str], processes: int, env: dict[str, str]) -> int:
            f"--shutdown-timeout={SHUTDOWN_S}", "--module", "job", *argv]
     log.info("NUM_PROCESSES=%d: starting %d processes under torchrun", processes, processes)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    signalled: list[int] = []
 
     def forward(signum, frame) -> None:
+        signalled.append(signum)
         pids = _rank_pids(folder)
         log.warning("signal %d: passed on to %s", signum, f"{len(pids)} rank(s)" if pids else "torchrun")
         for pid in pids or [proc.pid]:  # before any rank has started, torchrun stops them itself
@@ -62,16 +64,17 @@ def relaunch(argv: list[str], processes: int, env: dict[str, str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         rc = proc.wait()
-        return exit_code(rc, folder, processes)
+        return exit_code(rc, folder, processes, signalled[-1] if signalled else None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def exit_code(torchrun_rc: int, folder: Path, processes: int) -> int:
+def exit_code(torchrun_rc: int, folder: Path, processes: int, signalled: int | None = None) -> int:
     """0 when every rank succeeded; otherwise the code of the rank that failed first (the others' failures
-    follow from it), or torchrun's own when no rank could say (killed outright)."""
+    follow from it); when no rank could say, 128 + the signal passed on (a second one ends the ranks at once),
+    or torchrun's own code (a rank killed outright)."""
     if torchrun_rc == 0:
         return 0
     failed, silent = [], []
@@ -83,11 +86,13 @@ def exit_code(torchrun_rc: int, folder: Path, processes: int) -> int:
             continue
         if int(code):
             failed.append((float(at), int(code)))
-    if silent:
+    if silent and not signalled:
         log.error("rank(s) %s ended without reporting an exit code (killed, e.g. out of memory)",
                   ", ".join(map(str, silent)))
     if failed:
         return min(failed)[1]
+    if signalled:
+        return 128 + signalled
     return 128 - torchrun_rc if torchrun_rc < 0 else torchrun_rc
 
 

@@ -280,6 +280,7 @@ def test_exit_code_is_the_first_failure(tmp_path):
     assert launch.exit_code(0, tmp_path, 2) == 0
     assert launch.exit_code(1, tmp_path, 2) == 1  # nobody could say: torchrun's
     assert launch.exit_code(-9, tmp_path, 2) == 137
+    assert launch.exit_code(1, tmp_path, 2, signalled=signal.SIGINT) == 130  # a second Ctrl-C: no rank said
     (tmp_path / "exit-0").write_text("143 20.5")  # stopped by torchrun after rank 1 failed
     (tmp_path / "exit-1").write_text("5 20.0")
     assert launch.exit_code(1, tmp_path, 2) == 5
