@@ -14,8 +14,8 @@ from typing import Optional
 
 import typer
 
-from job import cloud, config, log
-from job.errors import ConfigError, JobError
+from job import cloud, config, launch, log
+from job.errors import ConfigError, JobError, RankZeroFailed
 
 COMMANDS = ("train", "check", "demo")
 typer_app = typer.Typer(
@@ -75,8 +75,29 @@ def _builtin_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auraflow-lokr-job"
 
 
+def _ranks():
+    """torchrun's variables in a process it started; None in the parent."""
+    from job.distributed import Ranks
+
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    return Ranks(rank=int(os.environ.get("RANK", "0")), world=int(os.environ["WORLD_SIZE"]),
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), master_addr=os.environ.get("MASTER_ADDR", ""))
+
+
+def _rank_env(raw: dict[str, str | None], config_file: str | None) -> dict[str, str]:
+    """The environment the ranks re-read the settings from: options given on this command line become variables
+    there, so a token never appears on a command line."""
+    env = dict(os.environ)
+    env.update({spec.env: value for spec in config.SPECS if (value := raw.get(spec.name)) is not None})
+    if config_file:
+        env[config.CONFIG_FILE_ENV] = config_file
+    return env
+
+
 def _run(command: str, given: dict[str, str | None]) -> None:
-    log.setup(verbose=os.environ.get("JOB_VERBOSE", "") not in ("", "0"))
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's, in a process it started
+    log.setup(verbose=os.environ.get("JOB_VERBOSE", "") not in ("", "0"), rank=rank)
     raw = _raw_values(given)
     config_file = raw.pop("config_file", None)
     for name in ("hf_token", "wandb_api_key"):
@@ -90,7 +111,7 @@ def _run(command: str, given: dict[str, str | None]) -> None:
             file_layer, ignored, problems = config.read_config_file(config_file)
             if problems:
                 raise ConfigError(problems)
-            if ignored:
+            if ignored and rank == 0:
                 log.log.warning("CONFIG_FILE: %d key(s) not used by this job, ignored: %s", len(ignored),
                                 ", ".join(ignored))
         layers = [file_layer, raw]
@@ -102,11 +123,21 @@ def _run(command: str, given: dict[str, str | None]) -> None:
         settings = config.build_settings(layers)  # bad values fail here, before torch is even imported
         # the download watchdog: huggingface_hub re-requests a file body that stalls this long (read at import)
         os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = f"{settings.output.download_stall_timeout:g}"
-        from job import pipeline
+        import torch
 
-        pipeline.run(command, settings, creds)
+        from job import pipeline
+        from job.distributed import Ranks
+
+        ranks = _ranks()
+        if ranks is None:  # the parent: the run itself, or torchrun's with one process per GPU
+            processes = launch.process_count(settings.scale.num_processes, torch.cuda.device_count())
+            if processes > 1 and command != "check":
+                raise typer.Exit(launch.relaunch([command], processes, _rank_env(raw, config_file)))
+            ranks = Ranks(world=processes)  # `check` plans for them
+        pipeline.run(command, settings, creds, ranks)
     except JobError as e:
-        log.log.error("%s", e)
+        if not isinstance(e, RankZeroFailed):  # rank 0 has reported that one
+            log.log.error("%s", e)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         log.log.error("interrupted")
@@ -137,4 +168,17 @@ def app(argv: list[str] | None = None) -> None:
         args.insert(0, "train")
     elif args[0] in ("--help", "-h"):
         args = ["train", "--help"]
-    typer_app(args=args, prog_name="entrypoint.py")
+    ranks_dir, rank = os.environ.get(launch.RANKS_DIR_ENV), os.environ.get("RANK")
+    if not ranks_dir or rank is None:
+        typer_app(args=args, prog_name="entrypoint.py")
+        return
+    # a rank started by launch.relaunch: tell the parent where signals go, and how this rank ended
+    launch.record_start(ranks_dir, int(rank))
+    code = 1
+    try:
+        typer_app(args=args, prog_name="entrypoint.py")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    finally:
+        launch.record_exit(ranks_dir, int(rank), code)

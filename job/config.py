@@ -633,14 +633,11 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
 
 
 def not_yet_supported(s: Settings) -> list[str]:
-    """Settings whose effect lives outside this run (the Hub, trackers, the pod, other GPUs) that this version
+    """Settings whose effect lives outside this run (the Hub, trackers, the pod) that this version
     cannot deliver yet: refused, so a user never walks away from a job that silently skips them."""
-    later = " is not supported by this version of the job yet"
     p = []
     if s.output.webhook_url and not re.match(r"https?://", s.output.webhook_url):
         p.append("WEBHOOK_URL: expected an http:// or https:// URL")
-    if s.scale.num_processes > 1:
-        p.append(f"NUM_PROCESSES={s.scale.num_processes}: multi-process training{later}; use 1 or auto")
     if s.cloud.pod_action_on_success == "terminate" and not s.output.push_to_hub:
         p.append("POD_ACTION_ON_SUCCESS=terminate needs PUSH_TO_HUB=true: terminating deletes the volume, and with "
                  "it the only copy of the output; use stop")

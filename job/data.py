@@ -235,22 +235,27 @@ class Plan:
         return self.epoch_batches(epoch)[pos]
 
 
-def make_plan(samples: list[Sample], batch_size: int, seed: int) -> Plan:
-    plan = Plan(samples, batch_size, seed)
+def make_plan(samples: list[Sample], batch_size: int, seed: int, processes: int = 1) -> Plan:
+    """With several processes a micro-batch is the global one (batch_size rows for each process, one bucket);
+    each process takes its own rows of it (see batch_fetcher)."""
+    plan = Plan(samples, batch_size * processes, seed)
     if plan.batches_per_epoch == 0:
-        raise DataError(f"{len(samples)} usable image(s) give no full batch of TRAIN_BATCH_SIZE="
-                        f"{batch_size} in any bucket; add images, raise REPEATS, or lower TRAIN_BATCH_SIZE")
+        size = f"TRAIN_BATCH_SIZE={batch_size}" + (f" × NUM_PROCESSES={processes}" if processes > 1 else "")
+        raise DataError(f"{len(samples)} usable image(s) give no full batch of {size} in any bucket; add images, "
+                        "raise REPEATS, or lower TRAIN_BATCH_SIZE")
     return plan
 
 
 # ---------------------------------------------------------------- caching (encoders handed in)
 
 def cache_latents(samples: list[Sample], cache, encode: Callable[[torch.Tensor], torch.Tensor],
-                  batch_size: int) -> dict[int, str]:
+                  batch_size: int, mine: Callable[[int], bool] = lambda i: True) -> dict[int, str]:
     """Latent cache key per usable sample index; encodes only what the cache lacks, a bucket's images batched.
-    Images whose pixels cannot be decoded get no key."""
+    Images whose pixels cannot be decoded get no key. With several processes, each looks after the samples that
+    are `mine`; the others' appear in the cache once they are done."""
     keys = {i: cache.key(file_digest(s.path), s.bucket, s.geometry) for i, s in enumerate(samples)}
-    todo = [i for i in keys if not cache.has(keys[i])]
+    share = [i for i in keys if mine(i)]
+    todo = [i for i in share if not cache.has(keys[i])]
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i in todo:
         by_bucket.setdefault(samples[i].bucket, []).append(i)
@@ -278,33 +283,40 @@ def cache_latents(samples: list[Sample], cache, encode: Callable[[torch.Tensor],
             log.info("caching latents %d/%d (%.1f img/s, eta %.0fs)", done, len(todo), rate, (len(todo) - done) / rate)
     for i in bad:
         del keys[i]
-    log.info("latents: %d cached before, %d encoded now%s", len(keys) - len(todo) + len(bad), len(todo) - len(bad),
-             f", {len(bad)} undecodable image(s) skipped" if bad else "")
+    log.info("latents: %d cached before, %d encoded now%s%s", len(share) - len(todo), len(todo) - len(bad),
+             f", {len(bad)} undecodable image(s) skipped" if bad else "",
+             f" (this process's share of {len(keys)})" if len(share) < len(keys) else "")
     return keys
 
 
-def cache_text(captions: list[str], cache, encode: Callable[[list[str]], torch.Tensor], batch_size: int = 8
-               ) -> dict[str, str]:
-    """Text-embedding cache key per caption; encodes only what the cache lacks."""
+def cache_text(captions: list[str], cache, encode: Callable[[list[str]], torch.Tensor], batch_size: int = 8,
+               mine: Callable[[int], bool] = lambda i: True) -> dict[str, str]:
+    """Text-embedding cache key per caption; encodes only what the cache lacks (of the distinct captions, those
+    that are `mine`, as in cache_latents)."""
     keys = {c: cache.key(c) for c in dict.fromkeys(captions)}
-    todo = [c for c in keys if not cache.has(keys[c])]
+    share = [c for n, c in enumerate(keys) if mine(n)]
+    todo = [c for c in share if not cache.has(keys[c])]
     for k in range(0, len(todo), batch_size):
         chunk = todo[k:k + batch_size]
         for c, emb in zip(chunk, encode(chunk)):
             cache.put(keys[c], emb)
-    log.info("text embeddings: %d cached before, %d encoded now", len(keys) - len(todo), len(todo))
+    log.info("text embeddings: %d cached before, %d encoded now%s", len(share) - len(todo), len(todo),
+             f" (this process's share of {len(keys)})" if len(share) < len(keys) else "")
     return keys
 
 
 def batch_fetcher(plan: Plan, latents_of: dict[int, tuple], text_cache, text_keys: dict[str, str],
-                  dropout: float) -> Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+                  dropout: float, rows: slice = slice(None)
+                  ) -> Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
     """micro-batch index → (latents, text embeddings), both from the caches; dropout swaps in the empty prompt.
 
-    latents_of maps a sample index to its (latent cache, key): datasets may keep their own cache folders."""
+    latents_of maps a sample index to its (latent cache, key): datasets may keep their own cache folders.
+    `rows`: this process's rows of each (global) micro-batch."""
 
     def fetch(index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         batch = plan.micro_batch(index)
         drop = torch.rand(len(batch), generator=g) < dropout  # drawn even at 0, so the noise stream never depends on it
+        batch, drop = batch[rows], drop[rows]  # the whole batch's draws: each row's are those of one process
         latents = torch.stack([latents_of[i][0].get(latents_of[i][1]) for i, _ in batch])
         captions = ["" if d else plan.samples[i].captions[c] for (i, c), d in zip(batch, drop.tolist())]
         embeds = torch.stack([text_cache.get(text_keys[c]) for c in captions])

@@ -36,6 +36,14 @@ class PushError(JobError):
     exit_code = 6
 
 
+class RankZeroFailed(JobError):
+    """On the other ranks, when work only rank 0 does failed: they leave with its exit code (rank 0 reports it)."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(f"rank 0 failed: {message}")
+        self.exit_code = exit_code
+
+
 class Interrupted(JobError):
     """Stopped by a signal after a resumable checkpoint was written."""
 

@@ -33,14 +33,16 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-def setup(verbose: bool = False) -> None:
-    """One handler on stderr for the job's own logger; libraries stay at WARNING."""
+def setup(verbose: bool = False, rank: int = 0) -> None:
+    """One handler on stderr for the job's own logger; libraries stay at WARNING. With several processes, rank 0
+    speaks for the job; the others say only warnings and errors, each line marked with the rank."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    mark = f"[rank {rank}] " if rank else ""
+    handler.setFormatter(_RedactingFormatter(f"%(asctime)s %(levelname)-7s {mark}%(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
     logging.captureWarnings(True)
 
 
@@ -97,7 +99,7 @@ class Progress:
         self.total, self.start_step, self.interval = total, start_step, interval
         self.status = status or StatusFile(None)
         self.bar = None
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and log.isEnabledFor(logging.INFO):  # not for a quiet rank
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
@@ -199,6 +201,16 @@ def make_tracker(kind: str, out: Path, config: dict, project: str, name: str) ->
     if kind == "wandb":
         return WandbTracker(out / "logs", config, project, name)
     return Tracker()
+
+
+class NullSink:
+    """The metrics sink of ranks other than 0 (rank 0 writes the job's)."""
+
+    def write(self, **row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsSink:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from job import checkpoint, flow
+from job import checkpoint, distributed, flow
 from job.config import TrainingSettings
 from job.errors import ConfigError, DivergedError, Interrupted
 from job.log import MetricsSink, Progress, StatusFile
@@ -114,11 +114,16 @@ def micro_generator(seed: int, index: int) -> torch.Generator:
 # ---------------------------------------------------------------- the loss step
 
 def flow_loss(transformer, x0: torch.Tensor, embeds: torch.Tensor, g: torch.Generator, t: TrainingSettings,
-              patch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    s = flow.sample_sigmas(x0.shape[0], g, uniform=t.flow_use_uniform_schedule)
+              patch_size: int, device: torch.device, dtype: torch.dtype, share: tuple[int, int] = (0, 1)
+              ) -> torch.Tensor:
+    """`share`: (rank, processes). x0 is this rank's rows of the global micro-batch; the sigmas and noise are
+    drawn for the whole of it and sliced, so every row gets what it would get in one process."""
+    rank, processes = share
+    n, rows = x0.shape[0], slice(rank * x0.shape[0], (rank + 1) * x0.shape[0])
+    s = flow.sample_sigmas(n * processes, g, uniform=t.flow_use_uniform_schedule)[rows]
     seq_len = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
     s = flow.shift_sigmas(s, flow.auto_shift(seq_len) if t.flow_schedule_auto_shift else t.flow_schedule_shift)
-    noise = torch.randn(x0.shape, generator=g)
+    noise = torch.randn((n * processes, *x0.shape[1:]), generator=g)[rows]
     pred = transformer(hidden_states=flow.noised(x0, noise, s).to(device, dtype),
                        encoder_hidden_states=embeds.to(device, dtype),
                        timestep=flow.model_timestep(s).to(device, dtype), return_dict=False)[0]
@@ -169,6 +174,7 @@ class Trainer:
     skipped: int = 0  # non-finite steps skipped so far
     metrics: MetricsSink | None = None  # set once the resume point is known (the sink trims past it)
     status: StatusFile = field(default_factory=lambda: StatusFile(None))
+    dist: distributed.Context = distributed.SINGLE  # with several processes: this one's rank and the collectives
     params: list = field(init=False)
 
     def __post_init__(self):
@@ -181,7 +187,7 @@ class Trainer:
     def run(self) -> None:
         t, accum = self.t, self.t.gradient_accumulation_steps
         progress, t0 = Progress(self.total_steps, self.step, status=self.status), time.monotonic()
-        with profiler(t.profile, self.checkpoint_dir.parent / "profile") as prof:
+        with profiler(t.profile and self.dist.is_main, self.checkpoint_dir.parent / "profile") as prof:
             while self.step < self.total_steps:
                 self.train_step(t, accum, progress, t0)
                 prof.step()
@@ -193,10 +199,14 @@ class Trainer:
             index = self.step * accum + micro
             g = micro_generator(t.seed, index)
             latents, embeds = self.fetch(index, g)
-            loss = flow_loss(self.transformer, latents, embeds, g, t, self.patch_size, self.device, self.dtype)
+            loss = flow_loss(self.transformer, latents, embeds, g, t, self.patch_size, self.device, self.dtype,
+                             share=(self.dist.rank, self.dist.world))
             (loss / accum).backward()
             losses.append(loss.item())
-        grad_norm, loss = self.clip(), sum(losses) / accum
+        # the ranks' gradients and losses averaged (once per step, after accumulation): every rank then clips,
+        # steps and decides about non-finite values alike, and the adapters stay identical
+        loss = self.dist.average_gradients(self.params, sum(losses) / accum)
+        grad_norm = self.clip()
         finite = self.apply(loss, grad_norm)
         self.step += 1
         lr = self.scheduler.get_last_lr()[0]
@@ -208,7 +218,7 @@ class Trainer:
         progress.update(self.step, loss, lr)
         if self.checkpoint_interval and self.step % self.checkpoint_interval == 0:
             self.save_checkpoint()
-        signum = self.should_stop()
+        signum = self.dist.agree_stop(self.should_stop())  # every rank stops after the same step
         if signum:
             t_stop = time.monotonic()
             path = self.save_checkpoint()
@@ -246,12 +256,19 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": checkpoint.rng_state()}
+        """Written by rank 0 (the ranks' adapters and optimizers are identical) with every rank's RNG state; the
+        others wait for it."""
+        rng = self.dist.gather(checkpoint.rng_state())
+        return self.dist.main_only(lambda: self._write_checkpoint(rng))
+
+    def _write_checkpoint(self, rng: list[dict]) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng}
         if self.ema:
             state["ema"] = self.ema.state_dict()
+        # the data position: micro-batches of the global batch (the data order follows from its size and SEED)
         meta = {"micro_batches_done": self.step * self.t.gradient_accumulation_steps,
-                "total_steps": self.total_steps, "skipped": self.skipped}
+                "total_steps": self.total_steps, "skipped": self.skipped, "num_processes": self.dist.world,
+                "global_batch": self.global_batch}
         path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta)
         self.status.update(last_checkpoint=path.name, force=True)
         self.on_checkpoint(path)  # first: an upload still reading an older checkpoint finishes before rotation
@@ -272,9 +289,21 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema and "ema" in state:
             self.ema.load_state_dict(state["ema"])
-        checkpoint.restore_rng(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank (older: one)
+        checkpoint.restore_rng(rng[self.dist.rank % len(rng)])
         self.step, self.skipped = meta["step"], meta.get("skipped", 0)
         log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
+        written_by, then = meta.get("num_processes", 1), meta.get("global_batch")
+        if written_by != self.dist.world and self.dist.is_main:
+            why = (f"the global batch (TRAIN_BATCH_SIZE × NUM_PROCESSES = {then}) is unchanged, and so is the data "
+                   "order" if then == self.global_batch else "data order differs from an uninterrupted run (global "
+                   f"batch {then or '?'} then, {self.global_batch} now)")
+            log.warning("resumed with NUM_PROCESSES=%d, checkpoint was written with %d: %s", self.dist.world,
+                        written_by, why)
+
+    @property
+    def global_batch(self) -> int:
+        return self.t.train_batch_size * self.dist.world
 
     def final_weights(self):
         """Context: the weights to publish (EMA when on)."""

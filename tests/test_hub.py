@@ -3,6 +3,7 @@ pull, preflight failures (exit 3), push with the card and samples, retries, exit
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,16 @@ def test_only_network_trouble_is_retried():
 
     assert _transient(ConnectionError()) and _transient(TimeoutError())
     assert not _transient(PermissionError("HF_HOME not writable")) and not _transient(OSError(28, "No space left"))
+
+
+def test_with_two_processes_rank_0_alone_talks_to_the_hub(hub, tmp_path):
+    """NUM_PROCESSES=2 on an empty HF_HOME: the Hub sees the very reads of a one-process run, and one push."""
+    reads = {}
+    for n in (1, 2):
+        hub.clear_log()
+        r = train(hub, tmp_path / str(n), push_to_hub="true", hub_model_id=f"tester/ranks-{n}", num_processes=n,
+                  max_train_steps=2, repeats=1, hf_home=tmp_path / str(n) / "hf")  # the image twice: a batch of 2
+        assert r.returncode == 0, r.stderr[-2000:]
+        reads[n] = Counter((h.method, h.path) for h in hub.log if h.method in ("GET", "HEAD"))
+        assert len(hub.requests("POST", "/commit/")) == 1
+    assert any(p.endswith(".safetensors") for _, p in reads[2]) and reads[2] == reads[1]

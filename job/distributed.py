@@ -1,0 +1,191 @@
+"""Several processes, one job: the process group, rank-0 gating, barriers and the collectives the loop needs.
+
+torchrun starts one process per GPU and sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `cli` reads
+them into `Ranks` (torch's own env:// rendezvous reads them too). With one process every method here is a
+plain call, so the single-GPU path pays nothing.
+
+Two groups. The default one (NCCL on CUDA, gloo on CPU) carries the per-step collectives, with a short
+timeout: a peer that hangs fails the step within minutes. A gloo group with a long timeout carries the waits
+for work only rank 0 does (downloads, checkpoints, validation rounds), which can take hours. A peer that dies
+is noticed at once either way: torchrun watches its processes and stops the others.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+from job.errors import JobError, RankZeroFailed
+
+log = logging.getLogger("job")
+T = TypeVar("T")
+
+STEP_TIMEOUT = timedelta(minutes=10)  # between two ranks' arrival at the same training collective
+WAIT_TIMEOUT = timedelta(hours=24)  # rank 0 alone: a model download, a validation round, a checkpoint
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits in the job, as torchrun's environment says."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0  # which of this node's GPUs is ours
+    master_addr: str = ""
+
+
+class Context:
+    """This process's part in the job. Rank 0 is the one that talks to the Hub and writes the outputs."""
+
+    def __init__(self, ranks: Ranks, device: torch.device, waits=None):
+        self.rank, self.world, self.device = ranks.rank, ranks.world, device
+        self._waits = waits  # the long-timeout gloo group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------ rank 0 alone
+
+    def main_only(self, fn: Callable[[], T]) -> T:
+        """Rank 0 runs `fn`; the others wait, then get its result, or leave with its exit code when it failed."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as e:
+                code = e.exit_code if isinstance(e, JobError) else 1
+                dist.broadcast_object_list([("failed", code, str(e).splitlines()[0] if str(e) else type(e).__name__)],
+                                           src=0, group=self._waits)
+                raise
+        dist.broadcast_object_list(box, src=0, group=self._waits)
+        if box[0][0] == "failed":
+            raise RankZeroFailed(box[0][1], box[0][2])
+        return box[0][1]
+
+    def hook(self, due: Callable[[int], bool], work: Callable[[int], T] | None) -> Callable[[int], T | None]:
+        """A per-step hook whose `work` only rank 0 does (the others pass None); on the steps it is `due`, the
+        others wait for it, so the next step's collectives never wait on a validation round."""
+        return lambda step: self.main_only(lambda: work(step)) if due(step) else None
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._waits)
+
+    def gather(self, obj: T) -> list[T] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self._waits)
+        return out
+
+    # ------------------------------------------------------------ sharing work and data
+
+    def share(self, index: int) -> bool:
+        """Whether item `index` of a list that every rank holds is this rank's to work on."""
+        return index % self.world == self.rank
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of each global batch (`batch_size` rows per rank)."""
+        return slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+
+    # ------------------------------------------------------------ the training collectives
+
+    def broadcast_params(self, params: Sequence[torch.Tensor]) -> None:
+        """Rank 0's values into every rank's `params` (identical seeds give identical adapters; this makes sure)."""
+        if self.world == 1 or not params:
+            return
+        import torch.distributed as dist
+
+        flat = _flat([p.detach() for p in params])
+        dist.broadcast(flat, src=0)
+        _unflat(flat, params)
+
+    def average_gradients(self, params: Sequence[torch.nn.Parameter], loss: float) -> float:
+        """The mean over ranks of the adapter gradients and of the loss, in one all-reduce (the frozen base has no
+        gradients, so it never travels). Each rank's loss is the mean over its equal share of the global batch,
+        so this is the gradient one process would get from the whole global batch. Returns the mean loss."""
+        if self.world == 1:
+            return loss
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([_flat(grads), torch.tensor([loss], dtype=torch.float32, device=self._collective_device)])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for p, g in zip(params, grads):
+            p.grad = g
+        _unflat(flat[:-1], grads)
+        return float(flat[-1])
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        """A stop request seen by any rank stops them all at the same step (the signal reaches them at different
+        moments)."""
+        if self.world == 1:
+            return signum
+        import torch.distributed as dist
+
+        flag = torch.tensor([signum or 0], device=self._collective_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+SINGLE = Context(Ranks(), torch.device("cpu"))  # one process: every collective above is a plain return
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One fp32 buffer (exact for bf16 and fp32 values): one collective instead of one per tensor."""
+    return torch.cat([t.reshape(-1).float() for t in tensors])
+
+
+@torch.no_grad()
+def _unflat(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+@contextlib.contextmanager
+def started(ranks: Ranks, device: torch.device) -> Iterator[Context]:
+    """The process group for this run (none with one process), on this rank's own GPU; `device` is the kind
+    of device the job uses."""
+    if ranks.world == 1:
+        yield Context(ranks, device)
+        return
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(ranks.local_rank)  # so that a bare "cuda" anywhere means this rank's GPU
+        device = torch.device("cuda", ranks.local_rank)
+    cuda = device.type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, timeout=STEP_TIMEOUT, device_id=device if cuda else None)
+    waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    log.info("data parallel: %d processes (%s), master %s", ranks.world, backend, ranks.master_addr or "local")
+    try:
+        yield Context(ranks, device, waits)
+    except JobError:  # an orderly end: the ranks are in step, so the group closes cleanly
+        dist.destroy_process_group()
+        raise
+    else:
+        dist.destroy_process_group()
+    # any other exception leaves the group as it is: a dead peer can make destroying it hang
