@@ -38,8 +38,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 SHELL ["/bin/sh", "-eu", "-c"]
 
 # g++ for quanto's C++ kernels (the CUDA devel images have it already); python3-dev for their headers.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates g++ python3 python3-dev python3-venv \
+RUN apt-get -o Acquire::Retries=3 update \
+ && apt-get -o Acquire::Retries=3 install -y --no-install-recommends ca-certificates g++ python3 python3-dev python3-venv \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 
@@ -87,31 +87,32 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 SHELL ["/bin/sh", "-eu", "-c"]
 
+# Few layers after the venv: each one is a full copy of the image under the vfs storage driver (the
+# smoke test's), so WORKDIR comes first and the job's files arrive in one COPY.
+WORKDIR /workspace
+
 # python3 for the venv, setpriv (util-linux) to drop root, tini to reap and forward signals.
 # The Ubuntu 24.04 base has a user `ubuntu` at uid 1000: the job's user takes that uid instead.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates python3 tini util-linux \
+RUN apt-get -o Acquire::Retries=3 update \
+ && apt-get -o Acquire::Retries=3 install -y --no-install-recommends ca-certificates python3 tini util-linux \
  && rm -rf /var/lib/apt/lists/* \
  && (userdel --remove ubuntu 2>/dev/null || true) \
  && groupadd --gid 1000 trainer \
- && useradd --uid 1000 --gid 1000 --create-home --shell /bin/sh trainer \
- && mkdir -p /workspace
+ && useradd --uid 1000 --gid 1000 --create-home --shell /bin/sh trainer
 
 COPY --from=build /opt/venv /opt/venv
-COPY entrypoint.py /app/entrypoint.py
-COPY docker/entrypoint.sh /usr/local/bin/job-entrypoint
-COPY docker/image_build.py /opt/image_build.py
+COPY entrypoint.py docker/entrypoint.sh docker/image_build.py /app/
 
 # Load the prebuilt kernels here, where no compiler exists: a rebuild would fail the image build
 # instead of every pod. The job's user owns their build folder (the loader takes a lock file there);
 # group 0 too, for `docker run --user UID` (such a user's group is 0).
-RUN python /opt/image_build.py check-extensions \
+RUN python /app/image_build.py check-extensions \
  && for d in /opt/venv/lib/python3*/site-packages/optimum/quanto/library/extensions/*/build; do \
         chown -R trainer:0 "$d" && chmod -R ug+rwX "$d"; \
     done \
+ && mv /app/entrypoint.sh /usr/local/bin/job-entrypoint \
  && chmod 0755 /usr/local/bin/job-entrypoint \
  && python /app/entrypoint.py --help > /dev/null
 
-WORKDIR /workspace
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/job-entrypoint"]
 CMD ["train"]

@@ -1,28 +1,57 @@
 #!/usr/bin/env bash
-# Image smoke test (`make image-smoke`): build the real Dockerfile on a plain Debian base with a CPU
-# torch, then run the image the way RunPod, Vast.ai and `docker run` users do.
+# Image smoke test (`make image-smoke`; `.ci/run` runs it after `make test`): build the real Dockerfile
+# on a plain Debian base with a CPU torch, then run the image the way RunPod, Vast.ai and `docker run`
+# users do.
 #
 #  1. a Docker engine: the running one, else Debian's docker.io started here (vfs storage, no iptables,
-#     no bridge; stopped again at the end)
+#     no bridge), stopped again at the end, failure and timeout included
 #  2. a base image made with debootstrap from this machine's Debian mirror and `docker import`
 #  3. a wheelhouse (`pip download` on the host, CPU torch) served on 127.0.0.1 for the build's pip
 #     (HTTPS from inside the build isn't trusted here, and the image's pip must not reach out anyway)
 #  4. `docker build --build-arg BASE_IMAGE=... --build-arg RUNTIME_IMAGE=...` of the Dockerfile
-#  5. checks: `demo` into a root-owned /workspace lands the adapter there, written by the job's uid;
-#     the same with `docker run --user`; no compiler in the final image; no settings at all exits 2
-#     within seconds.
-# Builds and runs use --network host. Needs root (apt-get, dockerd, debootstrap).
+#  5. checks: no settings at all exits 2 within seconds, naming what is missing; no compiler on the
+#     final image's PATH; `demo` into a root-owned /workspace lands the adapter there, written by the
+#     job's uid; the same with `docker run --user`.
+# Builds and runs use --network host. Needs root (apt-get, dockerd, debootstrap, mount).
 #
-# Settings (environment): SMOKE_DIR (state: rootfs, wheelhouse, docker data; default
-# /var/tmp/auraflow-image-smoke), SMOKE_MIRROR (Debian mirror; default: this machine's apt source),
-# SMOKE_SUITE (default: this machine's codename), SMOKE_TORCH (default torch==2.13.0, the CPU wheel
-# on this machine), SMOKE_STEPS (default 4), SMOKE_KEEP=1 keeps the docker data of a daemon started
-# here for a faster next run (vfs stores every layer in full: several GB).
+# Exit status: 0 passed; 1 the build or a check failed; 77 skipped, with the reason, because what it
+# needs is not here (not root, no apt to install docker.io or debootstrap, a dockerd that cannot start
+# in this sandbox, no Debian mirror for debootstrap, too little free disk).
+#
+# Time (2 cores): debootstrap ~35 s and `pip download` ~15 s when not cached, the build 3-5 min, the
+# checks 1-5 min (with vfs, making a container's file system copies the whole 1.8 GB image twice).
+# What is kept between runs, under SMOKE_DIR:
+#  - cache/rootfs-SUITE-ARCH-MIRRORHASH.tar, the debootstrap rootfs (made again after SMOKE_ROOTFS_DAYS),
+#    and cache/wheels-HASH, the wheelhouse for that torch requirement, pyproject's pins and the host's
+#    Python: a second run skips debootstrap and `pip download`;
+#  - nothing of the daemon's data (~35 GB at its peak: vfs stores every layer and every container's
+#    file system in full) unless SMOKE_KEEP=1, which keeps it and with it the build cache. It lives
+#    in an ext4 file system in a sparse file, mounted through a loop device where the kernel has one:
+#    removing it is removing one file, not a million (a minute on a host file system mounted with
+#    `discard`). Without a loop device it is a plain folder.
+# Every run first stops what an aborted run left behind (its dockerd, containerd, shims and their
+# containers, its wheel server), unmounts its mounts and removes its state;
+# `scripts/image_smoke.sh cleanup` does only that.
+#
+# Settings (environment): SMOKE_DIR (default /var/tmp/auraflow-image-smoke), SMOKE_MIRROR (Debian
+# mirror; default: this machine's apt source), SMOKE_SUITE (default: this machine's codename),
+# SMOKE_TORCH (default torch==2.13.0, the CPU wheel here), SMOKE_STEPS (default 4), SMOKE_KEEP=1,
+# SMOKE_ROOTFS_DAYS (default 30), SMOKE_MIN_FREE_GB (free disk needed unless the daemon's data is
+# kept; default 40), SMOKE_DISK_GB (size of the sparse file; default 60), SMOKE_PORT (the wheel
+# server's, default 38765 when free).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SMOKE_DIR="${SMOKE_DIR:-/var/tmp/auraflow-image-smoke}"
-SUITE="${SMOKE_SUITE:-$(sed -n "s/^VERSION_CODENAME=//p" /etc/os-release)}"
+SMOKE_DIR="${SMOKE_DIR%/}"
+CACHE="$SMOKE_DIR/cache"
+RUN="$SMOKE_DIR/run"
+LOGS="$SMOKE_DIR/logs"
+DATA="$RUN/docker"
+DATA_IMG="$RUN/docker.ext4"
+EXEC="$RUN/exec"
+SOCK="$RUN/docker.sock"
+SUITE="${SMOKE_SUITE:-$(sed -n "s/^VERSION_CODENAME=//p" /etc/os-release 2>/dev/null || true)}"
 SUITE="${SUITE:-bookworm}"
 TORCH_REQ="${SMOKE_TORCH:-torch==2.13.0}"
 STEPS="${SMOKE_STEPS:-4}"
@@ -35,9 +64,89 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 STARTED_DOCKERD=""
 HTTP_PID=""
 T0=$(date +%s)
+PHASE="" PHASE_T0=$T0 TIMES=""
 
-log() { printf '[image-smoke %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
-fail() { log "FAIL: $*"; exit 1; }
+# Messages go to the script's own stdout and stderr (fds 3 and 4), also from inside a command whose
+# output goes to a log (a signal's trap runs there).
+exec 3>&1 4>&2
+say() { local fd=$1; shift; printf '[image-smoke %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&"$fd"; }
+log() { say 3 "$@"; }
+fail() { say 4 "FAIL: $*"; exit 1; }
+skip() {
+    say 4 "SKIPPED, the image was not built or run: $*"
+    exit 77
+}
+# A long command in the background, waited for: a signal to this script is handled at once, not after
+# the command ends (the trap then stops the daemon, which ends the command).
+waitfor() {
+    "$@" 3>&- 4>&- 9>&- &
+    wait $!
+}
+phase() {  # phase NAME: the time since the last phase goes to the previous one
+    local now; now=$(date +%s)
+    [ -n "$PHASE" ] && TIMES="$TIMES $PHASE $(( now - PHASE_T0 ))s,"
+    PHASE=$1 PHASE_T0=$now
+}
+
+# ---------------------------------------------------------------- what an earlier run left behind
+# Processes of this script's daemon: dockerd, containerd and the shims by their command line (which
+# names SMOKE_DIR), the wheel server likewise, and every process below a shim (the containers).
+leftover_pids() {
+    ps -eo pid=,ppid=,args= | awk -v dir="$SMOKE_DIR/" -v self=$$ '
+        { pid = $1; ppid[pid] = $2; args = $0; sub(/^ *[0-9]+ +[0-9]+ +/, "", args)
+          split(args, w, " "); exe = w[1]; sub(/.*\//, "", exe)
+          if (pid != self && index(args, dir) &&
+              (exe ~ /^(dockerd|containerd|containerd-shim.*|runc)$/ ||
+               (exe ~ /^python/ && index(args, "http.server")))) { mine[pid] = 1; if (exe ~ /^containerd-shim/) shim[pid] = 1 } }
+        END { for (p in ppid) { q = p; for (i = 0; i < 64 && q > 1; i++) { q = ppid[q]; if (q in shim) { mine[p] = 1; break } } }
+              for (p in mine) print p }'
+}
+
+any_alive() {  # any_alive PID...: one of them runs (a zombie, exited but not yet waited for, does not)
+    local p s
+    for p in "$@"; do
+        s=$(ps -o stat= -p "$p" 2>/dev/null) || continue
+        case $s in Z*) ;; *) return 0 ;; esac
+    done
+    return 1
+}
+
+stop_pids() {  # stop_pids SECONDS PID...: TERM, then KILL whatever still runs after SECONDS
+    local wait_s=$1; shift
+    [ $# -gt 0 ] || return 0
+    kill -TERM "$@" 2>/dev/null || true
+    local _
+    for _ in $(seq $(( wait_s * 4 ))); do
+        any_alive "$@" || return 0
+        sleep 0.25
+    done
+    log "still running after ${wait_s}s, killing: $*"
+    kill -KILL "$@" 2>/dev/null || true
+    sleep 0.5
+}
+
+unmount_state() {  # every mount under SMOKE_DIR, deepest first (netns, shm, the loop file system last)
+    local mnt
+    awk -v dir="$SMOKE_DIR/" 'index($2, dir) == 1 { print $2 }' /proc/mounts | awk '{ print length, $0 }' |
+        sort -rn | cut -d' ' -f2- | while read -r mnt; do
+            umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || log "could not unmount $mnt"
+        done
+}
+
+reap() {  # reap REASON: stop what runs from SMOKE_DIR, unmount, remove the run state (not the caches)
+    local pids
+    pids=$(leftover_pids | tr '\n' ' ')
+    if [ -n "${pids// /}" ]; then
+        log "$1: stopping processes left in $SMOKE_DIR: $pids"
+        # shellcheck disable=SC2086
+        stop_pids 20 $pids
+    fi
+    unmount_state
+    rm -rf "$EXEC" "$SOCK" "$RUN/docker.pid"
+    if [ "${SMOKE_KEEP:-0}" != 1 ]; then
+        rm -rf "$DATA" "$DATA_IMG"
+    fi
+}
 
 stop_http() {
     if [ -n "$HTTP_PID" ]; then
@@ -50,35 +159,61 @@ stop_http() {
 cleanup() {
     local rc=$?
     set +e
+    trap - EXIT INT TERM
     stop_http
     if [ -n "$STARTED_DOCKERD" ]; then
-        log "stopping the docker daemon started here (pid $STARTED_DOCKERD)"
-        kill "$STARTED_DOCKERD" 2>/dev/null || true
-        for _ in $(seq 60); do kill -0 "$STARTED_DOCKERD" 2>/dev/null || break; sleep 0.5; done
-        # dockerd leaves its default network namespace mounted under the exec root
-        awk -v root="$SMOKE_DIR/exec/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r |
-            while read -r mnt; do umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null; done
-        rm -rf "$SMOKE_DIR/exec"
-        if [ "${SMOKE_KEEP:-0}" != 1 ]; then
-            rm -rf "$SMOKE_DIR/docker"
+        phase cleanup
+        if [ "${SMOKE_KEEP:-0}" = 1 ]; then
+            log "stopping the docker daemon started here (pid $STARTED_DOCKERD); SMOKE_KEEP=1 keeps its data"
+        else
+            log "stopping the docker daemon started here (pid $STARTED_DOCKERD) and removing its data"
         fi
+        stop_pids 40 "$STARTED_DOCKERD"
+        reap "after the daemon stopped"
     fi
-    if [ "$rc" = 0 ]; then log "PASS in $(( $(date +%s) - T0 )) s"; else log "failed (exit $rc)"; fi
+    phase end
+    log "times:${TIMES%,}"
+    case $rc in
+        0) log "PASS in $(( $(date +%s) - T0 )) s" ;;
+        77) ;;
+        *) log "FAILED (exit $rc) after $(( $(date +%s) - T0 )) s; logs in $LOGS" ;;
+    esac
+    exit "$rc"
 }
+
+if [ "${1:-}" = cleanup ]; then
+    [ "$(id -u)" = 0 ] || { echo "image_smoke.sh cleanup: run as root" >&2; exit 1; }
+    [ -d "$SMOKE_DIR" ] || exit 0
+    exec 9>"$SMOKE_DIR/lock"
+    flock -w 60 9 || { echo "image_smoke.sh cleanup: a run holds $SMOKE_DIR/lock" >&2; exit 1; }
+    reap cleanup
+    exit 0
+fi
+
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-[ "$(id -u)" = 0 ] || fail "run as root: it installs packages, starts dockerd and runs debootstrap"
-mkdir -p "$SMOKE_DIR"
+[ "$(id -u)" = 0 ] || skip "not root: it installs packages, starts dockerd, mounts and runs debootstrap"
+mkdir -p "$SMOKE_DIR" "$CACHE" "$RUN" "$LOGS"
+# One run at a time per SMOKE_DIR: a second one would take the first one's daemon for a leftover.
+exec 9>"$SMOKE_DIR/lock"
+flock -w 600 9 || fail "another image smoke has held $SMOKE_DIR/lock for 10 minutes"
 
-apt_install() {  # apt_install COMMAND PACKAGE...
-    local cmd=$1; shift
-    command -v "$cmd" >/dev/null && return 0
+APT_UPDATED=""
+apt_install() {  # apt_install PACKAGE...
+    command -v apt-get >/dev/null || skip "no apt-get to install $*"
     log "installing $* (apt)"
-    apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    if [ -z "$APT_UPDATED" ]; then
+        apt-get update -q >"$LOGS/apt.log" 2>&1 || { tail -5 "$LOGS/apt.log"; skip "apt-get update failed"; }
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >>"$LOGS/apt.log" 2>&1 \
+        || { tail -10 "$LOGS/apt.log"; skip "apt-get cannot install $*"; }
 }
 
 # ---------------------------------------------------------------- 1. docker engine
+phase engine
 DOCKER=docker
 if docker info >/dev/null 2>&1; then
     log "using the running docker engine"
@@ -88,96 +223,198 @@ if docker info >/dev/null 2>&1; then
         export DOCKER_BUILDKIT=0  # no buildx plugin: the classic builder does multi-stage builds too
     fi
 else
-    apt_install dockerd docker.io
-    apt_install debootstrap debootstrap
+    reap "before starting"
     # docker.io's own client matches its daemon and has BuildKit built in (a newer client would need buildx).
+    if ! command -v dockerd >/dev/null || ! [ -x /usr/bin/docker ]; then apt_install docker.io; fi
+    if ! command -v dockerd >/dev/null || ! [ -x /usr/bin/docker ]; then skip "docker.io installed no dockerd or docker"; fi
     DOCKER=/usr/bin/docker
     export DOCKER_BUILDKIT=1
-    sock="$SMOKE_DIR/docker.sock"
-    mkdir -p "$SMOKE_DIR/docker" "$SMOKE_DIR/exec"
-    log "starting dockerd (vfs, no iptables, no bridge) on $sock"
+    kept=""
+    [ "${SMOKE_KEEP:-0}" = 1 ] && [ -s "$DATA_IMG" ] && kept=1
+    if [ -z "$kept" ]; then
+        free_gb=$(( $(df -Pk "$RUN" | awk 'NR == 2 { print $4 }') / 1048576 ))
+        [ "$free_gb" -ge "${SMOKE_MIN_FREE_GB:-40}" ] \
+            || skip "only $free_gb GB free under $RUN; the build needs ${SMOKE_MIN_FREE_GB:-40} GB (SMOKE_MIN_FREE_GB)"
+    fi
+    mkdir -p "$DATA" "$EXEC"
+    # The data on ext4 in a sparse file through a loop device if this kernel has one, else a folder.
+    if command -v mkfs.ext4 >/dev/null; then
+        if [ -z "$kept" ]; then
+            rm -f "$DATA_IMG"
+            if ! { truncate -s "${SMOKE_DISK_GB:-60}G" "$DATA_IMG" &&
+                   mkfs.ext4 -q -F -O ^has_journal -E lazy_itable_init=1 -m 0 "$DATA_IMG" >"$LOGS/mkfs.log" 2>&1; }; then
+                rm -f "$DATA_IMG"
+            fi
+        fi
+        if [ -s "$DATA_IMG" ] && mount -o loop,noatime "$DATA_IMG" "$DATA" 2>"$LOGS/mount.log"; then
+            log "docker data on a loop-mounted ext4 file ($DATA_IMG, sparse)"
+        else
+            rm -f "$DATA_IMG"
+            log "no loop device here ($(head -1 "$LOGS/mount.log" 2>/dev/null)): docker data in the folder $DATA"
+        fi
+    fi
+    log "starting dockerd (vfs, no iptables, no bridge) on $SOCK"
     dockerd --storage-driver vfs --iptables=false --ip6tables=false --bridge=none \
-        --data-root "$SMOKE_DIR/docker" --exec-root "$SMOKE_DIR/exec" \
-        --pidfile "$SMOKE_DIR/docker.pid" -H "unix://$sock" >"$SMOKE_DIR/dockerd.log" 2>&1 &
+        --data-root "$DATA" --exec-root "$EXEC" \
+        --pidfile "$RUN/docker.pid" -H "unix://$SOCK" >"$LOGS/dockerd.log" 2>&1 3>&- 4>&- 9>&- &
     STARTED_DOCKERD=$!
-    export DOCKER_HOST="unix://$sock"
-    for _ in $(seq 60); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 0.5; done
-    "$DOCKER" info >/dev/null 2>&1 || { tail -20 "$SMOKE_DIR/dockerd.log"; fail "dockerd did not start"; }
+    export DOCKER_HOST="unix://$SOCK"
+    for _ in $(seq 120); do
+        "$DOCKER" info >/dev/null 2>&1 && break
+        kill -0 "$STARTED_DOCKERD" 2>/dev/null || break
+        sleep 0.5
+    done
+    if ! "$DOCKER" info >/dev/null 2>&1; then
+        grep -E 'level=(error|fatal)|failed' "$LOGS/dockerd.log" | tail -8 >&2
+        skip "dockerd does not start in this sandbox (log: $LOGS/dockerd.log)"
+    fi
 fi
 docker() { "$DOCKER" "$@"; }
 
 # ---------------------------------------------------------------- 2. Debian base image
+phase base
 if ! docker image inspect "$BASE_TAG" >/dev/null 2>&1; then
-    apt_install debootstrap debootstrap
     mirror="${SMOKE_MIRROR:-$(grep -rhoE 'https?://[^ ]+/debian/?$' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
         /etc/apt/sources.list.d/*.list 2>/dev/null | head -1 || true)}"
     mirror="${mirror:-http://deb.debian.org/debian}"
-    rootfs="$SMOKE_DIR/rootfs-$SUITE"
-    if [ ! -x "$rootfs/usr/bin/apt-get" ]; then
-        log "debootstrap $SUITE from $mirror"
+    arch=$(dpkg --print-architecture 2>/dev/null || uname -m)
+    rootfs_tar="$CACHE/rootfs-$SUITE-$arch-$(printf '%s' "$mirror" | sha256sum | cut -c1-12).tar"
+    if [ -s "$rootfs_tar" ] && [ -n "$(find "$rootfs_tar" -mtime "+${SMOKE_ROOTFS_DAYS:-30}")" ]; then
+        log "the cached rootfs is older than ${SMOKE_ROOTFS_DAYS:-30} days: debootstrap again"
+        rm -f "$rootfs_tar"
+    fi
+    if [ ! -s "$rootfs_tar" ]; then
+        command -v debootstrap >/dev/null || apt_install debootstrap
+        rootfs="$CACHE/rootfs.tmp"
+        rm -rf "$rootfs" "$rootfs_tar.tmp"
+        log "debootstrap $SUITE ($arch) from $mirror (log: $LOGS/debootstrap.log)"
+        if ! waitfor debootstrap --variant=minbase "$SUITE" "$rootfs" "$mirror" >"$LOGS/debootstrap.log" 2>&1; then
+            tail -15 "$LOGS/debootstrap.log" >&2
+            rm -rf "$rootfs"
+            skip "debootstrap $SUITE from $mirror failed: no usable Debian mirror"
+        fi
+        tar -C "$rootfs" --numeric-owner -cf "$rootfs_tar.tmp" . && mv "$rootfs_tar.tmp" "$rootfs_tar"
         rm -rf "$rootfs"
-        debootstrap --variant=minbase "$SUITE" "$rootfs" "$mirror" >"$SMOKE_DIR/debootstrap.log" 2>&1 \
-            || { tail -20 "$SMOKE_DIR/debootstrap.log"; fail "debootstrap failed"; }
+    else
+        log "rootfs from the cache: $rootfs_tar"
     fi
     log "docker import $BASE_TAG"
-    tar -C "$rootfs" -c . | docker import - "$BASE_TAG" >/dev/null
+    docker import "$rootfs_tar" "$BASE_TAG" >/dev/null
 fi
 
 # ---------------------------------------------------------------- 3. wheelhouse, served on loopback
-wheels="$SMOKE_DIR/wheelhouse"
-mkdir -p "$wheels" "$SMOKE_DIR/req"
-"$PY" "$ROOT/docker/image_build.py" requirements "$ROOT/pyproject.toml" "$SMOKE_DIR/req" >/dev/null
-log "pip download into $wheels ($TORCH_REQ, pyproject's pins, build tools)"
-"$PY" -m pip download -q --disable-pip-version-check -d "$wheels" "$TORCH_REQ" -r "$SMOKE_DIR/req/deps.txt" \
-    ninja==1.13.2 'setuptools>=68' wheel 2>&1 | grep -v "is ignored: it is neither" || true
-ls "$wheels"/torch-* >/dev/null 2>&1 || fail "pip download brought no torch wheel"
-port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$PY" -m http.server --bind 127.0.0.1 --directory "$wheels" "$port" >/dev/null 2>&1 &
+phase wheels
+req="$RUN/req"
+"$PY" "$ROOT/docker/image_build.py" requirements "$ROOT/pyproject.toml" "$req" >/dev/null
+build_tools=(ninja==1.13.2 'setuptools>=68' wheel)
+key=$({ echo "$TORCH_REQ"; cat "$req/deps.txt"; echo "${build_tools[*]}"
+        "$PY" -c 'import platform, sys; print(sys.version_info[:2], platform.machine())'; } | sha256sum | cut -c1-16)
+wheels="$CACHE/wheels-$key"
+if [ -f "$wheels/.complete" ]; then
+    log "wheelhouse from the cache: $wheels"
+else
+    log "pip download into $wheels ($TORCH_REQ, pyproject's pins, build tools)"
+    rm -rf "$wheels.tmp"
+    mkdir -p "$wheels.tmp"
+    waitfor "$PY" -m pip download -q --disable-pip-version-check -d "$wheels.tmp" "$TORCH_REQ" -r "$req/deps.txt" \
+        "${build_tools[@]}" >"$LOGS/pip-download.log" 2>&1 \
+        || { grep -v "is ignored: it is neither" "$LOGS/pip-download.log" | tail -15; fail "pip download failed"; }
+    ls "$wheels.tmp"/torch-* >/dev/null 2>&1 || fail "pip download brought no torch wheel"
+    touch "$wheels.tmp/.complete"
+    rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
+    # Only the current wheelhouse is kept (each is ~350 MB).
+    find "$CACHE" -maxdepth 1 -name 'wheels-*' ! -name "wheels-$key" -exec rm -rf {} +
+fi
+# A fixed port when it is free: the port is part of a build argument, so of the build cache (SMOKE_KEEP=1).
+port="${SMOKE_PORT:-38765}"
+"$PY" -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null ||
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$PY" -m http.server --bind 127.0.0.1 --directory "$wheels" "$port" >"$LOGS/wheel-server.log" 2>&1 3>&- 4>&- 9>&- &
 HTTP_PID=$!
-for _ in $(seq 20); do "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" \
+for _ in $(seq 40); do "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" \
     2>/dev/null && break; sleep 0.25; done
+"$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" 2>/dev/null \
+    || { cat "$LOGS/wheel-server.log"; fail "the wheel server on 127.0.0.1:$port did not start"; }
 
 # ---------------------------------------------------------------- 4. build
-log "docker build $IMAGE on $BASE_TAG (log: $SMOKE_DIR/build.log)"
+phase build
+log "docker build $IMAGE on $BASE_TAG (log: $LOGS/build.log)"
 progress=()
 [ "$DOCKER_BUILDKIT" = 1 ] && progress=(--progress plain)
-if ! docker build "${progress[@]}" --network host -t "$IMAGE" \
+if ! waitfor docker build "${progress[@]}" --network host -t "$IMAGE" \
         --build-arg BASE_IMAGE="$BASE_TAG" --build-arg RUNTIME_IMAGE="$BASE_TAG" \
         --build-arg PIP_EXTRA_ARGS="--no-index --find-links http://127.0.0.1:$port/" \
-        "$ROOT" >"$SMOKE_DIR/build.log" 2>&1; then
-    tail -40 "$SMOKE_DIR/build.log"
+        "$ROOT" >"$LOGS/build.log" 2>&1; then
+    tail -40 "$LOGS/build.log"
     fail "docker build failed"
 fi
 stop_http
 log "built: $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"
 
 # ---------------------------------------------------------------- 5. checks
-log "check: no compiler in the final image"
-docker run --rm --network host --entrypoint sh "$IMAGE" -c \
-    'for c in cc gcc g++ c++ nvcc; do if command -v "$c"; then exit 1; fi; done' \
-    || fail "a compiler is in the final image"
+phase checks
+# With vfs each container's file system is two full copies of the image (~2 x 1.8 GB), which takes far
+# longer than any of these jobs: the three containers are made at once, before anything is timed.
+ws="$RUN/workspace-root"
+rm -rf "$ws" && mkdir -p "$ws" && chown 0:0 "$ws" && chmod 0755 "$ws"
+ws2="$RUN/workspace-user"
+rm -rf "$ws2" && mkdir -p "$ws2" && chown 4321:4321 "$ws2"
+NS=smoke-no-settings DR=smoke-demo-root DU=smoke-demo-user
+docker rm -f "$NS" "$DR" "$DU" >/dev/null 2>&1 || true
+log "creating the containers: no settings; demo as root; demo as --user 4321:4321"
+creates=()
+docker create --name "$NS" --network host "$IMAGE" >/dev/null 2>"$LOGS/create-$NS.log" 3>&- 4>&- 9>&- &
+creates+=($!)
+docker create --name "$DR" --network host --stop-timeout 30 -v "$ws:/workspace" -e MAX_TRAIN_STEPS="$STEPS" \
+    "$IMAGE" demo >/dev/null 2>"$LOGS/create-$DR.log" 3>&- 4>&- 9>&- &
+creates+=($!)
+docker create --name "$DU" --network host --stop-timeout 30 --user 4321:4321 -v "$ws2:/workspace" \
+    -e MAX_TRAIN_STEPS=2 "$IMAGE" demo >/dev/null 2>"$LOGS/create-$DU.log" 3>&- 4>&- 9>&- &
+creates+=($!)
+for pid in "${creates[@]}"; do
+    wait "$pid" || { cat "$LOGS"/create-smoke-*.log; fail "docker create failed"; }
+done
 
 log "check: no settings at all exits 2 within seconds"
-# Created first: with vfs, making the container's file system takes longer than the job itself.
-cid=$(docker create --network host "$IMAGE")
 start=$(date +%s%N)
 set +e
-docker start -a "$cid" >"$SMOKE_DIR/no-settings.log" 2>&1
+waitfor docker start -a "$NS" >"$LOGS/no-settings.log" 2>&1
 rc=$?
 set -e
 took_ms=$(( ($(date +%s%N) - start) / 1000000 ))
-docker rm "$cid" >/dev/null
-[ "$rc" = 2 ] || { cat "$SMOKE_DIR/no-settings.log"; fail "exit $rc without settings, expected 2"; }
+[ "$rc" = 2 ] || { cat "$LOGS/no-settings.log"; fail "exit $rc without settings, expected 2"; }
 [ "$took_ms" -le 20000 ] || fail "exit 2 took $took_ms ms"
-grep -q "DATASET_ID" "$SMOKE_DIR/no-settings.log" || fail "the exit-2 message does not name DATASET_ID"
+grep -q "DATASET_ID" "$LOGS/no-settings.log" || fail "the exit-2 message does not name DATASET_ID"
 log "exit 2 after $took_ms ms (container start included)"
 
-ws="$SMOKE_DIR/workspace-root"
-rm -rf "$ws" && mkdir -p "$ws" && chown 0:0 "$ws" && chmod 0755 "$ws"
-log "check: demo ($STEPS steps) into a root-owned /workspace, started as root (log: $SMOKE_DIR/demo-root.log)"
-docker run --rm --network host --stop-timeout 30 -v "$ws:/workspace" -e MAX_TRAIN_STEPS="$STEPS" \
-    "$IMAGE" demo >"$SMOKE_DIR/demo-root.log" 2>&1 \
-    || { tail -30 "$SMOKE_DIR/demo-root.log"; fail "demo as root exited non-zero"; }
+# Read from that container's file system (the image's) with `docker cp` rather than a fourth container:
+# every folder on the image's PATH ("DIR/." follows a link such as /bin -> usr/bin), and any name there
+# that is a C/C++/CUDA compiler driver, versioned or with a target prefix (gcc-12, x86_64-linux-gnu-g++).
+log "check: no compiler on the image's PATH"
+img_path=$(docker image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE" | sed -n 's/^PATH=//p')
+[ -n "$img_path" ] || fail "the image sets no PATH"
+IFS=: read -ra path_dirs <<<"$img_path"
+compilers="" listed=0
+for d in "${path_dirs[@]}"; do
+    if ! docker cp "$NS:$d/." - >"$RUN/path-dir.tar" 2>"$LOGS/cp.log"; then
+        grep -qE "No such container:path|Could not find the file" "$LOGS/cp.log" \
+            || { cat "$LOGS/cp.log"; fail "cannot read $d from the container"; }
+        continue
+    fi
+    listed=$(( listed + 1 ))
+    compilers+=$(tar -tf "$RUN/path-dir.tar" | sed -n 's|^\./||p' | grep -v / |
+        grep -E '(^|-)(cc|gcc|g\+\+|c\+\+|clang|clang\+\+|nvcc)(-[0-9.]+)?$' | sed "s|^| $d/|" || true)
+done
+rm -f "$RUN/path-dir.tar"
+[ "$listed" -gt 0 ] || fail "none of the image's PATH folders could be read ($img_path)"
+[ -z "$compilers" ] || fail "a compiler is in the final image:$compilers"
+docker rm "$NS" >/dev/null
+log "none in the $listed folders of $img_path"
+
+log "check: demo ($STEPS steps) into a root-owned /workspace, started as root (log: $LOGS/demo-root.log)"
+waitfor docker start -a "$DR" >"$LOGS/demo-root.log" 2>&1 \
+    || { tail -30 "$LOGS/demo-root.log"; fail "demo as root exited non-zero"; }
+docker rm "$DR" >/dev/null
 adapter="$ws/output/pytorch_lora_weights.safetensors"
 [ -s "$adapter" ] || { find "$ws" -maxdepth 3 -printf "%u %p\n" | head -40; fail "no adapter at $adapter"; }
 [ "$(stat -c %u "$adapter")" = "$JOB_UID" ] || fail "adapter owned by uid $(stat -c %u "$adapter"), not $JOB_UID"
@@ -186,12 +423,10 @@ bad=$(find "$ws/output" ! -user "$JOB_UID" | head -5)
 [ "$(stat -c %u "$ws")" = 0 ] || fail "the volume's root changed owner"
 log "adapter $(stat -c %s "$adapter") bytes, owned by uid $JOB_UID"
 
-ws2="$SMOKE_DIR/workspace-user"
-rm -rf "$ws2" && mkdir -p "$ws2" && chown 4321:4321 "$ws2"
-log "check: demo started as --user 4321:4321 (log: $SMOKE_DIR/demo-user.log)"
-docker run --rm --network host --user 4321:4321 -v "$ws2:/workspace" -e MAX_TRAIN_STEPS=2 \
-    "$IMAGE" demo >"$SMOKE_DIR/demo-user.log" 2>&1 \
-    || { tail -30 "$SMOKE_DIR/demo-user.log"; fail "demo as --user exited non-zero"; }
+log "check: demo started as --user 4321:4321 (log: $LOGS/demo-user.log)"
+waitfor docker start -a "$DU" >"$LOGS/demo-user.log" 2>&1 \
+    || { tail -30 "$LOGS/demo-user.log"; fail "demo as --user exited non-zero"; }
+docker rm "$DU" >/dev/null
 adapter2="$ws2/output/pytorch_lora_weights.safetensors"
 [ -s "$adapter2" ] || fail "no adapter at $adapter2"
 [ "$(stat -c %u "$adapter2")" = 4321 ] || fail "adapter owned by uid $(stat -c %u "$adapter2"), not 4321"

@@ -175,7 +175,8 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
 
 
 @pytest.mark.parametrize("path", ["Dockerfile", "docker/entrypoint.sh", "docker/image_build.py",
-                                  "scripts/image_smoke.sh", "runpod.json", "vast-template.yaml", ".dockerignore"])
+                                  "scripts/image_smoke.sh", ".ci/run", "runpod.json", "vast-template.yaml",
+                                  ".dockerignore"])
 def test_lf_line_endings(path):
     assert b"\r" not in (ROOT / path).read_bytes(), f"{path} has CR line endings"
 
@@ -197,3 +198,32 @@ def test_hadolint_clean():
     run = subprocess.run([hadolint(), "--config", ".hadolint.yaml", "Dockerfile"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and not run.stdout.strip(), run.stdout + run.stderr
+
+
+def ci_lines() -> list[str]:
+    text = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_ci_runs_the_image_smoke_after_the_tests_with_a_time_limit():
+    lines = ci_lines()
+    smoke = [i for i, ln in enumerate(lines) if ln.endswith("bash scripts/image_smoke.sh")]
+    assert smoke, ".ci/run does not run scripts/image_smoke.sh"
+    assert lines.index("make test") < smoke[0], "test failures come first"
+    assert re.match(r"timeout (--kill-after=\S+ )?\d+m bash scripts/image_smoke\.sh$", lines[smoke[0]]), lines[smoke[0]]
+    text = "\n".join(lines)
+    assert re.search(r"^77\)$", text, re.M), "only exit 77 (the machine cannot run it) is a skip"
+    assert "bash scripts/image_smoke.sh cleanup" in text, "a timed-out smoke's daemon is stopped"
+
+
+def test_image_smoke_script_parses():
+    for script in ("scripts/image_smoke.sh", ".ci/run"):
+        run = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def test_image_smoke_script_is_shellcheck_clean():
+    run = subprocess.run(["shellcheck", "scripts/image_smoke.sh", ".ci/run", "docker/entrypoint.sh"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
