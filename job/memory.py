@@ -4,9 +4,10 @@
 the measured peak (torch.cuda.max_memory_allocated, which leaves out the ~0.5-1 GiB CUDA context).
 
 The terms, for one step of batch B at resolution R with a frozen base and a LoKr adapter:
-- base weights resident: everything without offloading; with group offloading the non-block layers plus the
-  groups that can be loaded at once (measured in tests/test_offload.py: the configured group plus one, as a
-  block's backward overlaps the next block's recompute; one more with stream prefetch);
+- base weights resident: everything without offloading; with group offloading the non-block layers (autograd
+  keeps theirs) plus the groups that can be loaded at once (counted in tests/test_offload.py: the configured
+  group plus one, as a block's backward overlaps the next block's recompute; one more with stream prefetch).
+  At leaf level the same as one block per group: autograd holds a block's weights until its backward is done;
 - adapter: weights, gradients and optimizer state;
 - activations: with checkpointing each block's inputs are kept and one block's internals live at a time;
   without it every block's internals live until the backward. Attention is flash/memory-efficient on CUDA
@@ -30,7 +31,6 @@ class ModelSize:
     outside: int  # not in any block: embeddings, final norm and projection (never quantised)
     block_linear: tuple[int, ...]  # per block: Linear weights (what quanto quantises)
     block_other: tuple[int, ...]  # per block: biases, norms
-    largest_leaf: int  # the largest single layer (a leaf-level group)
     hidden: int
     patch_size: int
     vae_scale_factor: int
@@ -75,10 +75,11 @@ def estimate(size: ModelSize, adapter_params: int, *, precision: str, mixed_prec
     blocks = [lin * linear_bytes + other * dense for lin, other in zip(size.block_linear, size.block_other)]
     if not group_offload:
         weights = size.outside * dense + sum(blocks)
-    elif offload_type == "leaf_level":
-        weights = (3 if stream else 2) * size.largest_leaf * dense
     else:
-        group = max(sum(blocks[i:i + blocks_per_group]) for i in range(0, len(blocks), blocks_per_group))
+        # leaf level in training: a recomputed block's layers go back one by one, but autograd holds their weights
+        # until the block's backward is done, so it peaks like block level with one block per group
+        per = 1 if offload_type == "leaf_level" else blocks_per_group
+        group = max(sum(blocks[i:i + per]) for i in range(0, len(blocks), per))
         weights = size.outside * dense + (3 if stream else 2) * group
 
     states = OPTIMIZER_BYTES.get(optimizer, OPTIMIZER_STATES.get(optimizer, 2) * dense)

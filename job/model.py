@@ -118,18 +118,21 @@ def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
     transformer = AuraFlowTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", dtype=dtype,
                                                              **kwargs)
     transformer.requires_grad_(False)
-    if t.base_model_precision in ("int8-quanto", "int4-quanto"):
+    quanto = t.base_model_precision in ("int8-quanto", "int4-quanto")
+    if quanto and m.enable_group_offload:
+        quantize_blocks(transformer, t.base_model_precision, device)
+    elif quanto:
         if t.quantize_via == "accelerator":
             transformer.to(device)
         quantize_quanto(transformer, t.base_model_precision)
-        if m.enable_group_offload or m.enable_model_cpu_offload:
-            from job import offload
-
-            offload.expose_quantized_payload(transformer)  # quanto tensors do not move reliably as they are
     if m.enable_group_offload:
         transformer.to("cpu")
     elif t.base_model_precision != "nf4-bnb":
         transformer.to(device)
+        if quanto and m.enable_model_cpu_offload:
+            from job import offload
+
+            offload.expose_quantized_payload(transformer)  # on the device: the payload keeps that device's packing
     if t.gradient_checkpointing or m.enable_group_offload:
         if not t.gradient_checkpointing:
             log.warning("ENABLE_GROUP_OFFLOAD=true turns on GRADIENT_CHECKPOINTING: without it autograd keeps every "
@@ -159,6 +162,20 @@ def offload_transformer(transformer, network, settings: Settings, device: torch.
              settings.memory.group_offload_type, settings.memory.group_offload_blocks_per_group,
              ", stream prefetch" if off.stream else "", off.folder.path if off.folder else "CPU memory")
     return off
+
+
+def quantize_blocks(transformer: torch.nn.Module, precision: str, device: torch.device) -> None:
+    """For group offloading: quantise one block at a time on `device` (never the whole bf16 model in GPU memory,
+    whatever QUANTIZE_VIA says) and expose its payload there, packed as that device's kernels expect; back to the
+    CPU after. The same weights as quantize_quanto, which leaves the non-block layers unquantised too."""
+    from job import offload
+
+    blocks = [b for c in transformer.children() if isinstance(c, torch.nn.ModuleList) for b in c]
+    for block in blocks:
+        block.to(device)
+        quantize_quanto(block, precision)
+        offload.expose_quantized_payload(block)
+        block.to("cpu")
 
 
 def quantize_quanto(transformer: torch.nn.Module, precision: str) -> None:
@@ -215,11 +232,10 @@ def model_size(transformer: torch.nn.Module, geo: Geometry):
     blocks = [b for c in transformer.children() if isinstance(c, torch.nn.ModuleList) for b in c]
     linear = [sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks]
     total = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    leaves = [sum(p.numel() for p in m.parameters(recurse=False)) for m in transformer.modules()]
     cfg = transformer.config
     return ModelSize(outside=sum(p.numel() for p in transformer.parameters()) - sum(total),
                      block_linear=tuple(linear), block_other=tuple(t - lin for t, lin in zip(total, linear)),
-                     largest_leaf=max(leaves), hidden=cfg.num_attention_heads * cfg.attention_head_dim,
+                     hidden=cfg.num_attention_heads * cfg.attention_head_dim,
                      patch_size=geo.patch_size, vae_scale_factor=geo.vae_scale_factor)
 
 

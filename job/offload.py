@@ -210,6 +210,7 @@ class GroupOffload:
         self.released = 0  # block backwards that offloaded their groups (tests and logs)
         self._forward_chain: dict | None = None
         self._reversed_chain: dict = {}
+        self._grad_hooks: list = []
         self._handles = [model.register_forward_pre_hook(self._enter_forward),
                          model.register_forward_hook(self._leave_forward)]
         for i, block in enumerate(self.blocks):
@@ -219,6 +220,11 @@ class GroupOffload:
     # forward / backward phases
     def _enter_forward(self, module, args):
         self.in_backward = False
+        # The last forward's gradient hooks have fired (or never will): drop them. A hook keeps its tensors alive
+        # through autograd's C++ objects, so block 0's leaf and its gradient would pile up step after step.
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks.clear()
         self._set_onload_self(True)
         if self._forward_chain is not None:
             self._set_chain(self._forward_chain)
@@ -241,7 +247,8 @@ class GroupOffload:
             for g in self.spanning[i]:
                 g.onload_()
         elif hooked:
-            torch.autograd.graph.register_multi_grad_hook(hooked, lambda grads: self.release(i), mode="all")
+            self._grad_hooks.append(
+                torch.autograd.graph.register_multi_grad_hook(hooked, lambda grads: self.release(i), mode="all"))
         return args, kwargs
 
     def _set_onload_self(self, value: bool) -> None:

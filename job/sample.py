@@ -91,14 +91,17 @@ class Validator:
         self.transformer.eval()
         neg, neg_mask = self._embeds(self.v.validation_negative_prompt)
         try:
+            latents = []  # every prompt denoised first, then all decoded: the models swap places once per round
             for job in self.jobs:
                 emb, mask = self._embeds(job.prompt)
-                latents = self.pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=neg,
-                                    negative_prompt_attention_mask=neg_mask, width=job.size[0], height=job.size[1],
-                                    num_inference_steps=self.v.validation_num_inference_steps,
-                                    guidance_scale=self.v.validation_guidance, output_type="latent",
-                                    generator=torch.Generator("cpu").manual_seed(self.v.validation_seed)).images
-                self.decode(latents).save(tmp / f"{job.name}.png")
+                latents.append(self.pipe(
+                    prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+                    negative_prompt_attention_mask=neg_mask, width=job.size[0], height=job.size[1],
+                    num_inference_steps=self.v.validation_num_inference_steps,
+                    guidance_scale=self.v.validation_guidance, output_type="latent",
+                    generator=torch.Generator("cpu").manual_seed(self.v.validation_seed)).images)
+            for job, image in zip(self.jobs, self.decode(latents)):
+                image.save(tmp / f"{job.name}.png")
         finally:
             self.transformer.train(was_training)
         shutil.rmtree(folder, ignore_errors=True)
@@ -108,7 +111,7 @@ class Validator:
         log.info("validation: %d image(s) for step %d in %s", len(self.jobs), step, folder)
         return self._promote(folder) if final else sorted(folder.glob("*.png"))
 
-    def decode(self, latents: torch.Tensor) -> Image.Image:
+    def decode(self, latents: list[torch.Tensor]) -> list[Image.Image]:
         """What AuraFlowPipeline does after denoising, with the VAE brought in (and the transformer out) when
         parked, so only one of them needs the GPU at a time."""
         if self.park_transformer:
@@ -116,9 +119,12 @@ class Validator:
         if self.park_vae:
             self.vae.to(self.device)
         try:
-            pixels = self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor,
-                                     return_dict=False)[0]
-            return self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+            images = []
+            for lat in latents:
+                pixels = self.vae.decode(lat.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor,
+                                         return_dict=False)[0]
+                images += self.pipe.image_processor.postprocess(pixels, output_type="pil")
+            return images
         finally:
             if self.park_vae:
                 self.vae.to("cpu")

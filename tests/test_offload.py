@@ -400,3 +400,21 @@ def test_the_gpu_benchmark_script_runs_its_cpu_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["int8-quanto/none", "int8-quanto/group"]
     assert rows[1]["grad_rel_diff"] == 0.0  # offload on the CPU: the very same gradients
+
+
+def test_no_tensor_piles_up_from_step_to_step():
+    """With the seed's LoKr nothing before block 0 trains, so block 0 hooks a leaf of its own; its gradient hook
+    must not keep the leaf (and its gradient) alive after the step."""
+    import gc
+
+    tr, net, off = build("no_change", True, offload.Plan("block_level", 1, False, ""), lycoris=SEED_LYCORIS_CONFIG)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    train_grads(tr, net, steps=2)
+    before = live_tensors()
+    train_grads(tr, net, steps=4)
+    assert live_tensors() <= before + 1  # the next forward drops the last one's hooks
+    assert off.released == 6 * len(off.blocks)
