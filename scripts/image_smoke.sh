@@ -18,8 +18,9 @@
 # needs is not here (not root, no apt to install docker.io or debootstrap, a dockerd that cannot start
 # in this sandbox, no Debian mirror for debootstrap, too little free disk).
 #
-# Time (2 cores): debootstrap ~35 s and `pip download` ~15 s when not cached, the build 3-5 min, the
-# checks 1-5 min (with vfs, making a container's file system copies the whole 1.8 GB image twice).
+# Time on 2 cores (quiet; about twice that under load): 4 min cold, 3 min with the caches below. The
+# build takes 2.5 min, the checks 35 s (with vfs, making a container's file system copies the whole
+# 1.8 GB image twice), debootstrap 25 s and `pip download` 15 s when not cached.
 # What is kept between runs, under SMOKE_DIR:
 #  - cache/rootfs-SUITE-ARCH-MIRRORHASH.tar, the debootstrap rootfs (made again after SMOKE_ROOTFS_DAYS),
 #    and cache/wheels-HASH, the wheelhouse for that torch requirement, pyproject's pins and the host's
