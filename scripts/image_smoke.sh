@@ -173,7 +173,7 @@ cleanup() {
         reap "after the daemon stopped"
     fi
     phase end
-    log "times:${TIMES%,}"
+    [ -z "$TIMES" ] || log "times:${TIMES%,}"
     case $rc in
         0) log "PASS in $(( $(date +%s) - T0 )) s" ;;
         77) ;;
