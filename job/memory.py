@@ -61,21 +61,29 @@ OPTIMIZER_STATES = {"adamw": 2, "optimi-adamw": 2, "adamw_bf16": 2, "optimi-lion
 OPTIMIZER_BYTES = {"bnb-adamw8bit": 2, "bnb-adamw8bit-paged": 2, "bnb-lion8bit": 1, "bnb-lion8bit-paged": 1}
 
 
+def _dense(mixed_precision: str) -> int:
+    return 2 if mixed_precision == "bf16" else 4
+
+
+def _block_bytes(size: ModelSize, precision: str, mixed_precision: str) -> list[float]:
+    dense = _dense(mixed_precision)
+    return [lin * QUANT_BYTES.get(precision, dense) + other * dense
+            for lin, other in zip(size.block_linear, size.block_other)]
+
+
 def weight_bytes(size: ModelSize, precision: str, mixed_precision: str) -> float:
     """The base weights at their training precision (also what disk offloading writes)."""
-    dense = 2 if mixed_precision == "bf16" else 4
-    return size.outside * dense + sum(size.block_linear) * QUANT_BYTES.get(precision, dense) + sum(size.block_other) * dense
+    return size.outside * _dense(mixed_precision) + sum(_block_bytes(size, precision, mixed_precision))
 
 
 def estimate(size: ModelSize, adapter_params: int, *, precision: str, mixed_precision: str, optimizer: str,
              resolution: int, batch: int, text_tokens: int, checkpointing: bool, group_offload: bool = False,
              offload_type: str = "block_level", blocks_per_group: int = 1, stream: bool = False) -> Estimate:
-    dense = 2 if mixed_precision == "bf16" else 4
-    linear_bytes = QUANT_BYTES.get(precision, dense)
-    blocks = [lin * linear_bytes + other * dense for lin, other in zip(size.block_linear, size.block_other)]
+    dense = _dense(mixed_precision)
     if not group_offload:
-        weights = size.outside * dense + sum(blocks)
+        weights = weight_bytes(size, precision, mixed_precision)
     else:
+        blocks = _block_bytes(size, precision, mixed_precision)
         # leaf level in training: a recomputed block's layers go back one by one, but autograd holds their weights
         # until the block's backward is done, so it peaks like block level with one block per group
         per = 1 if offload_type == "leaf_level" else blocks_per_group

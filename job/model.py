@@ -133,7 +133,7 @@ def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
             from job import offload
 
             offload.expose_quantized_payload(transformer)  # on the device: the payload keeps that device's packing
-    if t.gradient_checkpointing or m.enable_group_offload:
+    if checkpointing(settings):
         if not t.gradient_checkpointing:
             log.warning("ENABLE_GROUP_OFFLOAD=true turns on GRADIENT_CHECKPOINTING: without it autograd keeps every "
                         "block's weights until the backward, and offloading would save nothing")
@@ -142,12 +142,9 @@ def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
     return transformer
 
 
-def offload_plan(settings: Settings):
-    from job import offload
-
-    m = settings.memory
-    return offload.Plan(m.group_offload_type, m.group_offload_blocks_per_group, m.group_offload_use_stream,
-                        m.group_offload_to_disk_path)
+def checkpointing(settings: Settings) -> bool:
+    """GRADIENT_CHECKPOINTING, or group offloading, which needs it (see load_transformer)."""
+    return settings.training.gradient_checkpointing or settings.memory.enable_group_offload
 
 
 def offload_transformer(transformer, network, settings: Settings, device: torch.device, model_dir: Path):
@@ -157,9 +154,12 @@ def offload_transformer(transformer, network, settings: Settings, device: torch.
 
     fingerprint = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), settings.training.base_model_precision,
                                              settings.training.mixed_precision]).encode()).hexdigest()[:12]
-    off = offload.apply(transformer, network, device, offload_plan(settings), fingerprint)
+    m = settings.memory
+    plan = offload.Plan(m.group_offload_type, m.group_offload_blocks_per_group, m.group_offload_use_stream,
+                        m.group_offload_to_disk_path)
+    off = offload.apply(transformer, network, device, plan, fingerprint)
     log.info("group offload: %d groups (%s, %d block(s) per group%s), to %s", len(off.groups),
-             settings.memory.group_offload_type, settings.memory.group_offload_blocks_per_group,
+             m.group_offload_type, m.group_offload_blocks_per_group,
              ", stream prefetch" if off.stream else "", off.folder.path if off.folder else "CPU memory")
     return off
 
@@ -170,8 +170,7 @@ def quantize_blocks(transformer: torch.nn.Module, precision: str, device: torch.
     CPU after. The same weights as quantize_quanto, which leaves the non-block layers unquantised too."""
     from job import offload
 
-    blocks = [b for c in transformer.children() if isinstance(c, torch.nn.ModuleList) for b in c]
-    for block in blocks:
+    for block in offload.blocks(transformer):
         block.to(device)
         quantize_quanto(block, precision)
         offload.expose_quantized_payload(block)
@@ -228,8 +227,9 @@ def adapter_check(model_dir: Path, lycoris_config: dict):
 def model_size(transformer: torch.nn.Module, geo: Geometry):
     """Parameter counts for the memory estimate (works on a meta-device shell)."""
     from job.memory import ModelSize
+    from job.offload import blocks as transformer_blocks
 
-    blocks = [b for c in transformer.children() if isinstance(c, torch.nn.ModuleList) for b in c]
+    blocks = transformer_blocks(transformer)
     linear = [sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks]
     total = [sum(p.numel() for p in b.parameters()) for b in blocks]
     cfg = transformer.config
@@ -246,7 +246,7 @@ def memory_estimate(settings: Settings, size, adapter_params: int, resolution: i
     return memory.estimate(size, adapter_params, precision=t.base_model_precision, mixed_precision=t.mixed_precision,
                            optimizer=t.optimizer, resolution=resolution, batch=t.train_batch_size,
                            text_tokens=MAX_SEQUENCE_LENGTH,
-                           checkpointing=t.gradient_checkpointing or m.enable_group_offload,
+                           checkpointing=checkpointing(settings),
                            group_offload=m.enable_group_offload, offload_type=m.group_offload_type,
                            blocks_per_group=m.group_offload_blocks_per_group, stream=m.group_offload_use_stream)
 

@@ -179,6 +179,12 @@ def _block_inputs(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     return args, {**kwargs, "hidden_states": leaf}, [leaf]
 
 
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """AuraFlow's transformer blocks: the children of its ModuleLists, in the order its forward runs them (the
+    units diffusers' block-level offloading groups)."""
+    return [b for c in model.children() if isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential)) for b in c]
+
+
 def _group_hook(module: torch.nn.Module):
     registry = getattr(module, "_diffusers_hook", None)
     return registry.get_hook(GROUP_HOOK) if registry is not None else None
@@ -192,12 +198,9 @@ class GroupOffload:
     def __init__(self, model: torch.nn.Module, folder: DiskFolder | None, stream: bool):
         self.model, self.folder, self.stream = model, folder, stream
         self.in_backward = False
-        # AuraFlow's blocks: the children of its ModuleLists, in the order its forward runs them
-        self.blocks = [b for c in model.children() if isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential))
-                       for b in c]
+        self.blocks = blocks(model)
         block_of = {id(m): i for i, b in enumerate(self.blocks) for m in b.modules()}
-        hooks = [h for h in map(_group_hook, model.modules()) if h is not None]
-        self.groups = list({id(h.group): h.group for h in hooks}.values())
+        self.groups = list({id(h.group): h.group for h in self._all_hooks()}.values())
         self.owned: dict[int, list] = {i: [] for i in range(len(self.blocks))}
         for g in self.groups:
             first = g.modules[0] if g.modules else g.offload_leader

@@ -151,7 +151,7 @@ def report_memory(s: Settings, device: torch.device, size, adapter_params: int, 
                if m.enable_group_offload else "model CPU offload" if m.enable_model_cpu_offload else "no offload")
     log.info("memory: %s at %d px, batch %d, %s", est.describe(), resolution, s.training.train_batch_size, offload)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info()
+        total = torch.cuda.mem_get_info()[1]
         if est.total > total:
             log.warning("memory: the estimate exceeds this GPU's %.1f GiB; expect out-of-memory. Lower it with "
                         "BASE_MODEL_PRECISION=int8-quanto, ENABLE_GROUP_OFFLOAD=true, GRADIENT_CHECKPOINTING=true or "
