@@ -27,8 +27,9 @@ START=$(date +%s)
 BUDGET=${KIT_BUDGET_S:-450}
 WHL=.whl
 HOST_WHL=.whl-host
-PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
-           --platform any)
+# pip matches each manylinux_2_N tag exactly: name the usual ones (the GPU machine has glibc >= 2.35)
+PLATFORMS=(--platform any --platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64)
+for n in 17 24 27 28 31 34 35; do PLATFORMS+=(--platform "manylinux_2_${n}_x86_64"); done
 
 # name|settings (on top of the demo's own: tiny model, toy images, LoKr on every Linear)
 ALL_VARIANTS=(
@@ -139,6 +140,8 @@ torch.version.cuda, '| device', torch.cuda.get_device_name() if torch.cuda.is_av
     "$py" -c "import diffusers, transformers, huggingface_hub, lycoris, optimi, optimum.quanto, typer, job.cli
 print('diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| huggingface_hub',
       huggingface_hub.__version__, '| from', diffusers.__file__.rsplit('/diffusers/', 1)[0])"
+    "$py" -c "import importlib.util as u
+print('not importable (left out of the kit):', ' '.join(m for m in ('bitsandbytes', 'wandb') if not u.find_spec(m)))"
     if [ "$where" = cuda ]; then
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
       echo "PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"

@@ -117,7 +117,7 @@ def install(wheel_dir: Path, target: Path) -> str:
     has_pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0
     if has_pip:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
-                        "--no-deps", "--no-compile", "--target", str(target), *files], check=True)
+                        "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(target), *files], check=True)
         return "pip"
     target.mkdir(parents=True, exist_ok=True)
     for f in files:

@@ -1,13 +1,19 @@
 """The GPU benchmark's arithmetic (bench/flops.py) and the GPU kit (bench/gpu_kit.sh), checked on the CPU."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from diffusers import AuraFlowTransformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import flops
+from bench import flops, kit
+from conftest import ROOT, clean_env
 from job import model
 from job.config import SEED_LYCORIS_CONFIG
 from job.pipeline import DEMO_LYCORIS
@@ -87,3 +93,60 @@ def test_flop_conventions_at_the_real_size():
 ])
 def test_the_cards_peak_is_read_from_its_exact_name(name, sms, peak):
     assert flops.peak_tflops(name, sms) == peak
+
+
+# ------------------------------------------------------------------------------------------------- the GPU kit
+
+WHL, HOST_WHL = ROOT / ".whl", ROOT / ".whl-host"
+
+
+def test_the_kit_carries_the_pinned_versions_and_nothing_of_torch():
+    """Pure (no download): the wheel list the kit prepares, resolved from the venv, holds each pinned dependency at
+    its pin, except what it leaves out on purpose, and none of torch's own stack (the GPU machine's CUDA build)."""
+    want = kit.wheels()
+    for name, version in kit.pinned().items():
+        assert want.get(name) == (None if name in kit.LEFT_OUT else version), name
+    assert not [n for n in want if n.startswith(("nvidia-", "triton")) or n in ("torch", "sympy", "networkx")]
+    assert {"transformers", "huggingface-hub", "tokenizers", "typer", "safetensors", "hf-xet"} <= set(want)
+
+
+@pytest.mark.skipif(not WHL.is_dir(), reason="no .whl/: `bash bench/gpu_kit.sh prepare` downloads it (needs PyPI)")
+def test_the_prepared_wheels_are_the_pins_and_install_on_the_gpu_machines_python():
+    """.whl/ is exactly the list above, small enough to travel, and pip (no index, no install: --dry-run) takes
+    every wheel for CPython 3.12 on manylinux x86_64, the GPU machine's, and refuses them for 3.13 (a real check)."""
+    assert kit.check(WHL) == []
+    assert sum(w.stat().st_size for w in WHL.glob("*.whl")) < 60 * 2**20
+
+    def dry_run(version: str) -> subprocess.CompletedProcess:
+        platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in range(5, 36)]
+        return subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                               "--dry-run", "--no-index", "--no-deps", "--only-binary=:all:", "--implementation=cp",
+                               f"--python-version={version}", *platforms, "--platform=manylinux2014_x86_64",
+                               "--target", "/nonexistent", *map(str, WHL.glob("*.whl"))],
+                              capture_output=True, text=True, timeout=120)
+
+    ok = dry_run("3.12")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "is not a supported wheel" in dry_run("3.13").stderr
+
+
+def test_the_kit_cpu_mode_trains_from_the_wheels_on_a_torch_only_python(tmp_path):
+    """`bash bench/gpu_kit.sh cpu`, trimmed to one job variant and one benchmark variant: the same steps as on the
+    GPU machine. With .whl-host/ (prepare) the job runs on a python that has torch and numpy only, plus the wheels
+    installed into a private target: the kit's set is complete. Without it, the venv's own packages."""
+    env = clean_env(PY=sys.executable, OUT=str(tmp_path / "out"), KIT_VARIANTS="int8", KIT_STEPS="2",
+                    KIT_BENCH_ARGS="--precisions no_change --modes none", TMPDIR=str(tmp_path))
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_kit.sh"), "cpu"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    result = json.loads((tmp_path / "out" / "kit.json").read_text())
+    assert [(x["run"], x["rc"], x["phase"], x["steps"]) for x in result["runs"]] == [("int8", 0, "done", 2)]
+    assert result["runs"][0]["adapter"].endswith("finite") is False and ", finite," in result["runs"][0]["adapter"]
+    (row,) = result["bench"]["rows"]
+    assert row["variant"] == "no_change/none" and row["counted_vs_hw"] == pytest.approx(1.0, abs=2e-3)
+    assert (tmp_path / "out" / "kit.txt").read_text().startswith("# GPU kit")
+    if HOST_WHL.is_dir():
+        assert "wheels: pip" in result["env"] and f"from {tmp_path}" in result["env"]
+        assert "left out of the kit): bitsandbytes wandb" in result["env"]  # nothing leaks in from the venv
+    print(f"gpu_kit.sh cpu (trimmed): {time.monotonic() - t0:.0f} s")
