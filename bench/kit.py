@@ -73,7 +73,13 @@ def pinned() -> dict[str, str]:
 
 
 def wheels() -> dict[str, str]:
-    roots = [n for n in pinned() if n not in LEFT_OUT]
+    import importlib.metadata as md
+
+    pins = pinned()
+    stale = [f"{n} {md.version(n)} installed, {v} pinned" for n, v in pins.items() if v and md.version(n) != v]
+    if stale:  # the closure comes from the installed metadata: it must be the pinned set
+        raise SystemExit(f"the venv is not pyproject.toml's (make venv): {'; '.join(stale)}")
+    roots = [n for n in pins if n not in LEFT_OUT]
     # what only the left-out packages need stays out; what a shipped package also needs travels
     return _closure(roots, stop=set(LEFT_OUT))
 

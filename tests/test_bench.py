@@ -150,3 +150,44 @@ def test_the_kit_cpu_mode_trains_from_the_wheels_on_a_torch_only_python(tmp_path
         assert "wheels: pip" in result["env"] and f"from {tmp_path}" in result["env"]
         assert "left out of the kit): bitsandbytes wandb" in result["env"]  # nothing leaks in from the venv
     print(f"gpu_kit.sh cpu (trimmed): {time.monotonic() - t0:.0f} s")
+
+
+def test_the_wheel_check_names_what_is_missing_extra_or_doubled(tmp_path):
+    want = kit.wheels()
+    for name, version in want.items():
+        (tmp_path / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").touch()
+    assert kit.check(tmp_path) == []
+    (tmp_path / "typer-0.1.0-py3-none-any.whl").touch()  # two versions of one: pip would stop the whole install
+    (tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl").touch()
+    (tmp_path / f"diffusers-{want['diffusers']}-py3-none-any.whl").unlink()
+    assert sorted(kit.check(tmp_path)) == sorted([
+        f"typer: {want['typer']} wanted, 0.1.0, {want['typer']}", f"diffusers: {want['diffusers']} wanted, no wheel",
+        "bitsandbytes: not wanted (0.50.2)"])
+
+
+@pytest.mark.skipif(not HOST_WHL.is_dir(), reason="no .whl-host/: `bash bench/gpu_kit.sh prepare` downloads it")
+def test_without_pip_the_kit_unpacks_the_wheels_to_the_same_files(tmp_path):
+    """The GPU machine has pip; where one has not, `bench.kit install` unpacks the wheels itself: the same files
+    as pip's install, importable (a pure and a compiled wheel, on a python without pip)."""
+    picked = tmp_path / "wheels"
+    picked.mkdir()
+    for w in [*HOST_WHL.glob("einops-*.whl"), *HOST_WHL.glob("safetensors-*.whl")]:
+        (picked / w.name).symlink_to(w)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    bare = tmp_path / "venv" / "bin" / "python"
+    how = {}
+    for python, target in ((sys.executable, "by-pip"), (str(bare), "by-hand")):
+        r = subprocess.run([python, "-m", "bench.kit", "install", str(picked), str(tmp_path / target)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        how[target] = r.stdout.strip()
+    assert how == {"by-pip": "pip", "by-hand": "unpacked"}
+
+    def files(target: str) -> set[str]:  # pip adds its own bookkeeping to the dist-info
+        return {str(p.relative_to(tmp_path / target)) for p in (tmp_path / target).rglob("*") if p.is_file()
+                and p.name not in ("INSTALLER", "REQUESTED", "direct_url.json") and "__pycache__" not in p.parts}
+
+    assert files("by-pip") == files("by-hand")
+    r = subprocess.run([str(bare), "-c", "import einops, safetensors; print(einops.__file__, safetensors.__file__)"],
+                       env={"PYTHONPATH": str(tmp_path / "by-hand")}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.count(str(tmp_path / "by-hand")) == 2, r.stderr
