@@ -19,6 +19,7 @@
 # stream), each variant in its own OUTPUT_DIR with its exit code, time and written adapter recorded, then
 # bench/gpu.sh (real-size transformer, random weights) on what time is left.
 # Knobs: KIT_VARIANTS (comma list of the names below), KIT_STEPS, KIT_BUDGET_S (whole run, default 450),
+# KIT_PARALLEL (1: after the first demo variant the rest side by side, the default on CUDA; 0: one at a time),
 # KIT_BENCH_ARGS (extra bench/gpu.py options), PY (the python with torch), KIT_SITE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,29 +73,42 @@ prepare() {
   if [ "$bytes" -gt $(( 60 * 1048576 )) ]; then echo "gpu_kit prepare: over 60 MiB, will not travel" >&2; exit 1; fi
 }
 
-demo_runs() {  # $1: python, $2: kit folder, $3: steps
-  local py=$1 kit=$2 steps=$3 spec name settings out t0 rc order=0
+one_run() {  # python kit steps order name settings: the job's demo in its own OUTPUT_DIR, recorded in record.json
+  local py=$1 kit=$2 steps=$3 order=$4 name=$5 settings=$6 out t0 rc=0
+  out="$kit/runs/$name"; mkdir -p "$out"
+  t0=$(date +%s.%N)
+  # the demo's settings, then the variant's; no validation or checkpoint before the end (a short run)
+  # shellcheck disable=SC2086
+  env OUTPUT_DIR="$out/output" MAX_TRAIN_STEPS="$steps" VALIDATION_STEP_INTERVAL=100000 \
+      CHECKPOINT_STEP_INTERVAL=100000 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $settings \
+      timeout 240 "$py" entrypoint.py demo > "$out/log.txt" 2>&1 || rc=$?
+  "$py" - "$out" "$name" "$rc" "$t0" "$settings" "$order" <<'EOF'
+import json, sys, time
+out, name, rc, t0, settings, order = sys.argv[1:]
+json.dump({"name": name, "order": int(order), "rc": int(rc), "wall_s": round(time.time() - float(t0), 1),
+           "settings": settings, "output_dir": f"{out}/output"}, open(f"{out}/record.json", "w"))
+EOF
+  echo "gpu_kit: demo $name exit $rc"
+}
+
+demo_runs() {  # $1: python, $2: kit folder, $3: steps, $4: 1 = after the first, the rest side by side
+  local py=$1 kit=$2 steps=$3 parallel=$4 spec name settings order=0
   local want=",${KIT_VARIANTS:-demo,bf16,int8,int8-offload,int8-offload-stream},"
   for spec in "${ALL_VARIANTS[@]}"; do
     name=${spec%%|*}; settings=${spec#*|}
     [[ $want == *",$name,"* ]] || continue
     if [ "$(left)" -lt 60 ]; then echo "gpu_kit: $name skipped (time budget)"; continue; fi
-    out="$kit/runs/$name"; mkdir -p "$out"; order=$(( order + 1 ))
-    echo "gpu_kit: demo $name: $settings"
-    t0=$(date +%s.%N); rc=0
-    # env -i would drop CUDA's variables; settings are added on top of a clean set of job variables instead
-    # shellcheck disable=SC2086
-    env OUTPUT_DIR="$out/output" MAX_TRAIN_STEPS="$steps" VALIDATION_STEP_INTERVAL=100000 \
-        CHECKPOINT_STEP_INTERVAL=100000 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $settings \
-        timeout 240 "$py" entrypoint.py demo > "$out/log.txt" 2>&1 || rc=$?
-    "$py" - "$out" "$name" "$rc" "$t0" "$settings" "$order" <<'EOF'
-import json, sys, time
-out, name, rc, t0, settings, order = sys.argv[1:]
-json.dump({"name": name, "order": int(order), "rc": int(rc), "wall_s": round(time.time() - float(t0), 1), "settings": settings,
-           "output_dir": f"{out}/output"}, open(f"{out}/record.json", "w"))
-EOF
-    echo "gpu_kit: demo $name exit $rc"
+    order=$(( order + 1 ))
+    echo "gpu_kit: demo $name: ${settings:-as the demo ships}"
+    # the first alone (it builds the tiny model and fills Triton's cache), then side by side on the one GPU:
+    # tiny runs that check code paths, and minutes of device time saved
+    if [ "$parallel" = 1 ] && [ "$order" -gt 1 ]; then
+      one_run "$py" "$kit" "$steps" "$order" "$name" "$settings" &
+    else
+      one_run "$py" "$kit" "$steps" "$order" "$name" "$settings"
+    fi
   done
+  wait
 }
 
 logs() {  # every run's log tail, one file (the device tool brings back at most 8)
@@ -148,7 +162,12 @@ print('not importable (left out of the kit):', ' '.join(m for m in ('bitsandbyte
     fi
   } > "$kit/env.txt" 2>&1 || true
   cat "$kit/env.txt"
-  demo_runs "$py" "$kit" "$steps"
+  local parallel=0
+  [ "$where" = cuda ] && parallel=1
+  parallel=${KIT_PARALLEL:-$parallel}
+  echo "demo runs: $([ "$parallel" = 1 ] && echo 'the first alone, the rest side by side' || echo 'one at a time')" \
+    >> "$kit/env.txt"
+  demo_runs "$py" "$kit" "$steps" "$parallel"
   local bench_args=(--budget-s "$(( $(left) > 20 ? $(left) - 20 : 0 ))")  # gpu.py starts no variant it cannot end
   [ "$where" = cpu ] && bench_args+=(--cpu-smoke --steps 1 --warmup 0)
   # shellcheck disable=SC2206
