@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -88,13 +89,15 @@ def build(precision: str, mode: str):
     from diffusers import AuraFlowTransformer2DModel
 
     with init_empty_weights():
-        tr = AuraFlowTransformer2DModel(**CONFIG)
-    tr.to_empty(device=CUDA)
-    g = torch.Generator(CUDA.type).manual_seed(0)
+        tr = AuraFlowTransformer2DModel(**CONFIG).to(torch.bfloat16)  # allocated in bf16, as the job loads it
+    # with offload the job loads on the CPU and quantises block by block on the GPU: no whole model in GPU memory
+    # here either, so the build peak is the job's
+    tr.to_empty(device=CUDA if mode == "none" else torch.device("cpu"))
     with torch.no_grad():
-        for p in tr.parameters():  # random, small: the numbers that matter here are times and bytes
-            p.normal_(0, 0.02, generator=g)
-    tr.to(torch.bfloat16).requires_grad_(False)
+        for name, p in tr.named_parameters():  # random, small: the numbers that matter here are times and bytes
+            g = torch.Generator(CUDA.type).manual_seed(zlib.crc32(name.encode()))  # the same weights in every variant
+            p.copy_(torch.empty(p.shape, dtype=p.dtype, device=CUDA).normal_(0, 0.02, generator=g))
+    tr.requires_grad_(False)
     if precision != "no_change" and mode != "none":
         model.quantize_blocks(tr, precision, CUDA)  # as the job does with group offload: block by block
     elif precision != "no_change":
