@@ -137,6 +137,10 @@ def predicted(precision: str, mode: str, adapter_params: int) -> float:
     return est.total / GiB
 
 
+def sig(x: float) -> float:
+    return float(f"{x:.4g}")  # 4 significant digits: TFLOP at 1024 px, or the smoke's tiny counts
+
+
 def gib(x: float) -> float:
     return round(x / GiB, 2)
 
@@ -202,7 +206,7 @@ def measure(precision: str, mode: str, steps: int, warmup: int, peak: float | No
            "build_alloc_gib": gib(build_mem[0]) if build_mem else None,
            "build_reserved_gib": gib(build_mem[1]) if build_mem else None,
            "host_peak_gib": round(host_peak_gib(), 2) if host and host_peak_gib() else None,
-           "model_tflop": round(f.model / 1e12, 3), "hw_tflop": round(f.hardware / 1e12, 3),
+           "model_tflop": sig(f.model / 1e12), "hw_tflop": sig(f.hardware / 1e12),
            "model_tflops": round(f.model / sec / 1e12, 1), "mfu": round(f.model / sec / 1e12 / peak, 3) if peak else None,
            "hfu": round(f.hardware / sec / 1e12 / peak, 3) if peak else None,
            "counted_vs_hw": round(counted / f.hardware, 4) if counted else None}

@@ -149,13 +149,22 @@ run_kit() {  # $1: cpu or cuda
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   {
     echo "date: $(date -u +%Y-%m-%dT%H:%MZ), mode: $where, wheels: $how"
-    "$py" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda',
-torch.version.cuda, '| device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-    "$py" -c "import diffusers, transformers, huggingface_hub, lycoris, optimi, optimum.quanto, typer, job.cli
-print('diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| huggingface_hub',
-      huggingface_hub.__version__, '| from', diffusers.__file__.rsplit('/diffusers/', 1)[0])"
-    "$py" -c "import importlib.util as u
-print('not importable (left out of the kit):', ' '.join(m for m in ('bitsandbytes', 'wandb') if not u.find_spec(m)))"
+    # one interpreter for all of it (each import of torch costs seconds); an import that fails is the finding
+    "$py" - <<'EOF'
+import importlib.util as u
+import sys
+
+import torch
+
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| device",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+import diffusers, huggingface_hub, lycoris, optimi, optimum.quanto, transformers, typer  # noqa: E401,F401,E402
+import job.cli  # noqa: F401,E402
+
+print("diffusers", diffusers.__version__, "| transformers", transformers.__version__, "| huggingface_hub",
+      huggingface_hub.__version__, "| from", diffusers.__file__.rsplit("/diffusers/", 1)[0])
+print("not importable (left out of the kit):", " ".join(m for m in ("bitsandbytes", "wandb") if not u.find_spec(m)))
+EOF
     if [ "$where" = cuda ]; then
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
       echo "PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
