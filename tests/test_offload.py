@@ -385,23 +385,6 @@ def test_the_estimate_for_real_size_auraflow_orders_the_settings_and_fits_the_se
     assert gib(checkpointing=False) > bf16 + 20  # every block's activations at 1024 px
 
 
-def test_the_gpu_benchmark_script_runs_its_cpu_smoke(tmp_path):
-    """bench/gpu.py waits for a GPU session; its code path is kept working here on a tiny transformer."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    out = tmp_path / "gpu.json"
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--cpu-smoke", "--steps", "1", "--precisions",
-                        "int8-quanto", "--modes", "none,group", "--out", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["int8-quanto/none", "int8-quanto/group"]
-    assert rows[1]["grad_rel_diff"] == 0.0  # offload on the CPU: the very same gradients
-
-
 def test_no_tensor_piles_up_from_step_to_step():
     """With the seed's LoKr nothing before block 0 trains, so block 0 hooks a leaf of its own; its gradient hook
     must not keep the leaf (and its gradient) alive after the step."""
