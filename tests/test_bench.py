@@ -81,6 +81,13 @@ def test_flop_conventions_at_the_real_size():
     assert 1.0 < f.backward / f.forward < 1.5
     assert 44e12 < f.forward < 47e12 and f.recompute == pytest.approx(f.forward - f.outside)
     assert 0.02 < f.parts["adapter"] / f.model < 0.06
+    # the README's figures
+    assert (round(f.model / 1e12, 1), round(f.hardware / 1e12, 1)) == (100.6, 150.3)
+    for lora in net.loras:
+        lora.bypass_mode = False
+    rebuild = flops.step_flops(tr, net, batch=1, height=128, width=128, text_tokens=256, checkpointing=True,
+                               attention_recompute=True)
+    assert rebuild.model == f.model and round(rebuild.hardware / 1e12, 1) == 191.4
 
 
 @pytest.mark.parametrize("name, sms, peak", [
