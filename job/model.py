@@ -267,6 +267,11 @@ def _lycoris_network(transformer: torch.nn.Module, lycoris_config: dict):
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # set on import; its per-module lines bury ours
     cfg = dict(lycoris_config)
+    # Bypass mode computes y = Wx + ΔW·x. LyCORIS's default for a plain Linear rebuilds the weight instead,
+    # ((W + ΔW) - W)·x in the weight's dtype, which in bf16 drops every update below half an ulp of W: the forward
+    # ignores a young adapter while its gradients still flow. It also costs a full-size weight per layer. Quantised
+    # layers get bypass anyway. The saved adapter is the same either way. DoRA (dora_wd) has no bypass form.
+    cfg.setdefault("bypass_mode", str(cfg.get("dora_wd", False)).lower() == "false")  # lycoris' str_bool
     preset = cfg.pop("apply_preset", {})
     multiplier = float(cfg.pop("multiplier", 1.0))
     linear_dim = cfg.pop("linear_dim", 4)

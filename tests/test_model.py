@@ -91,3 +91,27 @@ def test_every_schedule_warms_up_and_runs(name):
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(1.0)  # "constant" with warm-up warms up too (seed config)
     if name in ("linear", "cosine", "polynomial"):
         assert lrs[-1] < 0.5
+
+
+def test_bf16_forward_keeps_an_adapter_delta_below_half_an_ulp_of_the_weight(tiny_model):
+    """bf16 base weights of ±1 (ulp 2^-7) and a LoKr delta of 2^-10 everywhere. Input x = (1, 1, 0, …) against
+    weight columns (1, -1, 0, …): the base output is exactly 0, and the adapter must add ΔW·x = 2·2^-10. The rebuild
+    path's ((W + ΔW) - W)·x loses the delta where |W| = 1 (half an ulp is 2^-8) and gives exactly 0."""
+    s = settings(mixed_precision="bf16", gradient_checkpointing="false")
+    tr = model.load_transformer(tiny_model, s, torch.device("cpu"))
+    net = model.create_adapter(tr, DEMO_LYCORIS, model.train_dtype(s))
+    delta = 2.0 ** -10
+    assert net.loras
+    for lora in net.loras:
+        layer = lora.org_module[0]
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.weight[:, 0], layer.weight[:, 1] = 1.0, -1.0
+            if layer.bias is not None:
+                layer.bias.zero_()
+            lora.lokr_w1.fill_(1.0)  # kron(w1, w2) · scale = delta everywhere
+            lora.lokr_w2.fill_(delta / float(lora.scale))
+        x = torch.zeros(1, 2, layer.in_features, dtype=torch.bfloat16)
+        x[..., :2] = 1.0
+        assert lora.org_forward(x).abs().max() == 0
+        torch.testing.assert_close(layer(x).float(), torch.full((1, 2, layer.out_features), 2 * delta), rtol=0, atol=0)
