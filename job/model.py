@@ -65,6 +65,13 @@ def device_problems(settings: Settings, device: torch.device) -> list[str]:
                      "use the non-paged form on this machine")
         if settings.training.base_model_precision == "nf4-bnb":
             p.append("BASE_MODEL_PRECISION=nf4-bnb needs a CUDA GPU; use int8-quanto or int4-quanto here")
+        m = settings.memory
+        if (m.enable_group_offload and m.group_offload_to_disk_path and settings.training.mixed_precision == "bf16"
+                and settings.training.base_model_precision in ("int8-quanto", "int4-quanto")):
+            # measured: torch's CPU int8 kernel (_weight_int8pack_mm) segfaults on weights read back from disk
+            p.append(f"GROUP_OFFLOAD_TO_DISK_PATH with BASE_MODEL_PRECISION={settings.training.base_model_precision} "
+                     "and MIXED_PRECISION=bf16 crashes torch's CPU kernels: on a machine without CUDA use "
+                     "MIXED_PRECISION=no, or offload to RAM")
     return p
 
 

@@ -170,3 +170,15 @@ def test_the_encoders_are_freed_once_the_caches_are_written(tiny_model, tmp_path
     pipeline.cache_latents(tiny_model, samples, [tmp_path / "vae"] * len(samples), 1, torch.device("cpu"))
     pipeline.cache_text(tiny_model, samples, [], tmp_path / "text", torch.device("cpu"))
     assert set(alive) == {"vae", "text"} and all(ref() is None for ref in alive.values())
+
+
+def test_cpu_refuses_quantised_bf16_weights_offloaded_to_disk():
+    """torch's CPU int8 kernel segfaults on them (seen with bench/host_ram.py's smoke model): exit 2, not a crash."""
+    s = settings(base_model_precision="int8-quanto", mixed_precision="bf16", enable_group_offload="true",
+                 group_offload_to_disk_path="/tmp/offload")
+    problems = model.device_problems(s, torch.device("cpu"))
+    assert len(problems) == 1 and "GROUP_OFFLOAD_TO_DISK_PATH" in problems[0] and "MIXED_PRECISION" in problems[0]
+    assert model.device_problems(s, torch.device("cuda")) == []
+    assert model.device_problems(settings(base_model_precision="int8-quanto", mixed_precision="no",
+                                          enable_group_offload="true", group_offload_to_disk_path="/tmp/o"),
+                                 torch.device("cpu")) == []
