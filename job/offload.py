@@ -340,7 +340,7 @@ def apply(model: torch.nn.Module, adapter: torch.nn.Module, device: torch.device
     if plan.use_stream and not stream:
         log.warning("GROUP_OFFLOAD_USE_STREAM=true: streams need a CUDA GPU; on %s groups load without one",
                     device.type)
-    if stream:
+    if stream and not plan.disk_root:  # from disk, diffusers pins each group as it reads it back
         pin_in_place(model)
     folder = DiskFolder(Path(plan.disk_root), fingerprint) if plan.disk_root else None
     if folder and folder.swept:
