@@ -12,7 +12,8 @@ group offload + stream prefetch. For each it reports:
   on CUDA it also misses LyCORIS's fused LoKr kernels, a few % of the step);
 - peak GPU memory allocated and reserved during the steps (torch.cuda.max_memory_*; reserved is what the process
   holds, fragmentation included) beside the job's estimate, the same two while building (quantisation), and the
-  process's peak host RSS;
+  process's peak host RSS during the variant beside the job's host estimate (an upper reading: the process also
+  holds what earlier variants left in its heap; bench/host_ram.py measures host RAM in fresh processes);
 - how far each offload variant's LoKr gradients (the same step twice: the first, and one after diffusers' tracing
   forward, with a stream the first that prefetches) are from the same precision without offload (same weights,
   same batches), beside the no-offload variant's own run-to-run noise (the same step twice on the same model).
@@ -98,10 +99,8 @@ def build(precision: str, mode: str):
             g = torch.Generator(CUDA.type).manual_seed(zlib.crc32(name.encode()))  # the same weights in every variant
             p.copy_(torch.empty(p.shape, dtype=p.dtype, device=CUDA).normal_(0, 0.02, generator=g))
     tr.requires_grad_(False)
-    if precision != "no_change" and mode != "none":
-        model.quantize_blocks(tr, precision, CUDA)  # as the job does with group offload: block by block
-    elif precision != "no_change":
-        model.quantize_quanto(tr, precision)  # QUANTIZE_VIA=accelerator
+    if precision != "no_change":  # as the job does (QUANTIZE_VIA=accelerator): block by block on the GPU
+        model.quantize_blocks(tr, precision, CUDA, keep=mode == "none", expose=mode != "none")
     if mode != "none":
         tr.to("cpu")
     tr.enable_gradient_checkpointing()
@@ -124,17 +123,21 @@ def loss_of(tr, settings, seed: int):
     return flow_loss(tr, x0, emb, torch.Generator().manual_seed(seed), settings.training, 2, CUDA, torch.bfloat16)
 
 
-def predicted(precision: str, mode: str, adapter_params: int) -> float:
+def predicted(precision: str, mode: str, adapter_params: int) -> tuple[float, float]:
+    """The job's estimates (GiB): peak GPU memory of a step, peak host RAM of the process."""
     from accelerate import init_empty_weights
     from diffusers import AuraFlowTransformer2DModel
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel(**CONFIG)
     size = model.model_size(shell, model.Geometry(2, CONFIG["pos_embed_max_size"], 8, 4))
+    stream = mode == "stream" and CUDA.type == "cuda"
     est = memory.estimate(size, adapter_params, precision=precision, mixed_precision="bf16", optimizer="optimi-lion",
                           resolution=RESOLUTION, batch=1, text_tokens=TEXT_TOKENS, checkpointing=True,
-                          group_offload=mode != "none", stream=mode == "stream")
-    return est.total / GiB
+                          group_offload=mode != "none", stream=stream)
+    host = memory.host_estimate(size, precision=precision, mixed_precision="bf16", device=CUDA.type,
+                                group_offload=mode != "none", stream=stream, to_disk=False)
+    return est.total / GiB, host.total / GiB
 
 
 def sig(x: float) -> float:
@@ -198,14 +201,16 @@ def measure(precision: str, mode: str, steps: int, warmup: int, peak: float | No
     f = flopcount.step_flops(tr, net, batch=1, height=latent, width=latent, text_tokens=TEXT_TOKENS,
                              checkpointing=True, attention_recompute=cuda)
     adapter_params = sum(p.numel() for p in params)
+    gpu_est, host_est = predicted(precision, mode, adapter_params)
     row = {"variant": f"{precision}/{mode}", "setup_s": round(setup_s, 1), "s_per_step": round(sec, 3),
            "steps_per_s": round(1 / sec, 3),
            "alloc_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
            "reserved_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
-           "predicted_gib": round(predicted(precision, mode, adapter_params), 2),
+           "predicted_gib": round(gpu_est, 2),
            "build_alloc_gib": gib(build_mem[0]) if build_mem else None,
            "build_reserved_gib": gib(build_mem[1]) if build_mem else None,
            "host_peak_gib": round(host_peak_gib(), 2) if host and host_peak_gib() else None,
+           "host_predicted_gib": round(host_est, 2),
            "model_tflop": sig(f.model / 1e12), "hw_tflop": sig(f.hardware / 1e12),
            "model_tflops": round(f.model / sec / 1e12, 1), "mfu": round(f.model / sec / 1e12 / peak, 3) if peak else None,
            "hfu": round(f.hardware / sec / 1e12 / peak, 3) if peak else None,
