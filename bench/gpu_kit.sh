@@ -38,9 +38,13 @@ ALL_VARIANTS=(
   "demo|"  # the demo as it ships: fp32, adamw, no checkpointing
   "bf16|BASE_MODEL_PRECISION=no_change MIXED_PRECISION=bf16 OPTIMIZER=optimi-lion GRADIENT_CHECKPOINTING=true"
   "int8|BASE_MODEL_PRECISION=int8-quanto MIXED_PRECISION=bf16 OPTIMIZER=optimi-lion GRADIENT_CHECKPOINTING=true"
-  "int8-offload|BASE_MODEL_PRECISION=int8-quanto MIXED_PRECISION=bf16 OPTIMIZER=optimi-lion ENABLE_GROUP_OFFLOAD=true"
+  "int8-offload|BASE_MODEL_PRECISION=int8-quanto MIXED_PRECISION=bf16 OPTIMIZER=optimi-lion ENABLE_GROUP_OFFLOAD=true GROUP_OFFLOAD_USE_STREAM=false"
   "int8-offload-stream|BASE_MODEL_PRECISION=int8-quanto MIXED_PRECISION=bf16 OPTIMIZER=optimi-lion ENABLE_GROUP_OFFLOAD=true GROUP_OFFLOAD_USE_STREAM=true"
+  # CUDA only: without it the job refuses int8 + bf16 + disk offload (torch's CPU int8 kernel crashes there)
+  "int8-offload-disk|BASE_MODEL_PRECISION=int8-quanto MIXED_PRECISION=bf16 OPTIMIZER=optimi-lion ENABLE_GROUP_OFFLOAD=true GROUP_OFFLOAD_TO_DISK_PATH=@RUN@/offload"
 )
+VARIANTS_CUDA=demo,bf16,int8,int8-offload,int8-offload-stream,int8-offload-disk
+VARIANTS_CPU=demo,bf16,int8,int8-offload,int8-offload-stream
 
 pick_python() {  # the interpreter that has torch (the GPU machine's may be python or python3)
   if [ -n "${PY:-}" ]; then echo "$PY"; return; fi
@@ -80,6 +84,7 @@ prepare() {
 one_run() {  # python kit steps order name settings: the job's demo in its own OUTPUT_DIR, recorded in record.json
   local py=$1 kit=$2 steps=$3 order=$4 name=$5 settings=$6 out t0 rc=0
   out="$kit/runs/$name"; mkdir -p "$out"
+  settings=${settings//@RUN@/$out}  # a path of the run's own
   t0=$(date +%s.%N)
   # the demo's settings, then the variant's; no validation or checkpoint before the end (a short run)
   # shellcheck disable=SC2086
@@ -95,9 +100,9 @@ EOF
   echo "gpu_kit: demo $name exit $rc"
 }
 
-demo_runs() {  # $1: python, $2: kit folder, $3: steps, $4: 1 = after the first, the rest side by side
+demo_runs() {  # $1: python, $2: kit folder, $3: steps, $4: 1 = after the first, the rest side by side, $5: variants
   local py=$1 kit=$2 steps=$3 parallel=$4 spec name settings order=0
-  local want=",${KIT_VARIANTS:-demo,bf16,int8,int8-offload,int8-offload-stream},"
+  local want=",${KIT_VARIANTS:-$5},"
   for spec in "${ALL_VARIANTS[@]}"; do
     name=${spec%%|*}; settings=${spec#*|}
     [[ $want == *",$name,"* ]] || continue
@@ -129,7 +134,7 @@ logs() {  # every run's log tail, one file (the device tool brings back at most 
 }
 
 run_kit() {  # $1: cpu or cuda
-  local where=$1 py kit dest site steps how
+  local where=$1 py kit dest site steps how variants
   if [ "$where" = cpu ]; then py=${PY:-.venv/bin/python}; else py=$(pick_python); fi
   dest=${OUT:-bench/kit-out}
   kit=$(mktemp -d "${TMPDIR:-/tmp}/gpu-kit.XXXXXX")
@@ -185,7 +190,8 @@ EOF
   parallel=${KIT_PARALLEL:-$parallel}
   echo "demo runs: $([ "$parallel" = 1 ] && echo 'the first alone, the rest side by side' || echo 'one at a time')" \
     >> "$kit/env.txt"
-  demo_runs "$py" "$kit" "$steps" "$parallel"
+  if [ "$where" = cuda ]; then variants=$VARIANTS_CUDA; else variants=$VARIANTS_CPU; fi
+  demo_runs "$py" "$kit" "$steps" "$parallel" "$variants"
   local bench_args=(--budget-s "$(( $(left) > 20 ? $(left) - 20 : 0 ))")  # gpu.py starts no variant it cannot end
   [ "$where" = cpu ] && bench_args+=(--cpu-smoke --steps 1 --warmup 0)
   # shellcheck disable=SC2206
