@@ -6,7 +6,7 @@
 #                                   # (CPython 3.12 manylinux x86_64, ~45 MB), and the same versions built for
 #                                   # this interpreter -> .whl-host/ (for the CPU mode and tests/test_bench.py)
 #   bash bench/gpu_kit.sh run       # on the GPU machine, one command of < 8 minutes (see below)
-#   bash bench/gpu_kit.sh cpu       # here: the same steps on the CPU, tiny sizes (about 2-3 minutes on 2 cores)
+#   bash bench/gpu_kit.sh cpu       # here: the same steps on the CPU, tiny sizes (3 to 5 minutes on 2 shared cores)
 #
 # The device command (the session's `run` tool): carry [".whl"], command `bash bench/gpu_kit.sh run`,
 # timeout_s 540. What it writes under $OUT comes back: kit.txt (the table), kit.json, gpu_results.json,
