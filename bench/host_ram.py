@@ -5,7 +5,8 @@ Each variant runs in a fresh process, so its peaks are its own: the 6.8B transfo
 in host RAM as from_pretrained leaves it; then the job's own steps (model.quantize_blocks to int8, the seed's LoKr,
 offload.apply with group offload in RAM or to a disk folder) and one training step at 64 px with 16 text tokens
 (activations are small next to the weights; what is measured is where the weights live). Peak RSS is read from
-/proc/self/status (VmHWM), reset between the loading and the training phase (/proc/self/clear_refs).
+/proc/self/status (VmHWM) and reset between phases (/proc/self/clear_refs): loading, quantising and offloading
+(bf16 blocks give way to int8), what is resident once that is done ("settled"), and the training step.
 
 Variants: int8 + group offload in RAM, int8 + group offload to disk. A CPU has no stream, so the pinned copy
 (torch rounds each pinned tensor up to a power of two: ModelSize.pinned_ratio) is predicted but not measured here.
@@ -59,12 +60,12 @@ def one(variant: str, disk_root: str, smoke: bool = False) -> dict:
     t0 = time.monotonic()
     with init_empty_weights():
         tr = AuraFlowTransformer2DModel(**config)
-    tr.to_empty(device=cpu)
+    tr.to(torch.bfloat16).to_empty(device=cpu)  # made in bf16: an fp32 model first would peak at twice the size
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in tr.parameters():
             p.normal_(0, 0.02, generator=g)
-    tr.to(torch.bfloat16).requires_grad_(False)
+    tr.requires_grad_(False)
     size = model.model_size(tr, model.Geometry(2, config["pos_embed_max_size"], 8, 4))
     load_peak, load_s = vm("VmHWM"), time.monotonic() - t0
 
@@ -75,6 +76,8 @@ def one(variant: str, disk_root: str, smoke: bool = False) -> dict:
     tr.train()
     net = model.create_adapter(tr, SEED_LYCORIS_CONFIG, torch.bfloat16, cpu)
     off = offload.apply(tr, net, cpu, offload.Plan("block_level", 1, False, disk_root if to_disk else ""), "bench")
+    quantise_peak, settled = vm("VmHWM"), vm("VmRSS")  # what stays once the bf16 weights are gone
+    phased = phased and reset_peak()
     loss = None
     if not to_disk:
         settings = build_settings([{"dataset_id": "x", "push_to_hub": "false", "mixed_precision": "bf16"}])
@@ -88,9 +91,11 @@ def one(variant: str, disk_root: str, smoke: bool = False) -> dict:
 
     est = memory.host_estimate(size, precision="int8-quanto", mixed_precision="bf16", device="cpu",
                                group_offload=True, stream=False, to_disk=to_disk)
-    measured = {"load": load_peak / GiB, "train": train_peak / GiB if phased else None,
-                "peak": max(load_peak, train_peak) / GiB}
-    estimated = {"load": (est.process + est.load) / GiB, "train": (est.process + est.train) / GiB,
+    measured = {"load": load_peak / GiB, "quantise": quantise_peak / GiB, "settled": settled / GiB,
+                "train": train_peak / GiB if phased else None,
+                "peak": max(load_peak, quantise_peak, train_peak) / GiB}
+    estimated = {"load": (est.process + est.load) / GiB, "quantise": (est.process + est.load) / GiB,
+                 "settled": (est.process + est.train) / GiB, "train": (est.process + est.train) / GiB,
                  "peak": est.total / GiB}
     return {"variant": variant, "process_gib": process / GiB, "measured_gib": measured, "estimate_gib": estimated,
             "load_s": load_s, "train_s": train_s, "loss": loss}
@@ -119,7 +124,7 @@ def main() -> int:
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     print(f"{'variant':<16} {'phase':<6} {'measured GiB':>12} {'estimate GiB':>12} {'ratio':>6}")
     for row in rows:
-        for phase in ("load", "train", "peak"):
+        for phase in ("load", "quantise", "settled", "train", "peak"):
             got, want = row["measured_gib"][phase], row["estimate_gib"][phase]
             if got is not None:
                 print(f"{row['variant']:<16} {phase:<6} {got:>12.2f} {want:>12.2f} {want / got:>6.2f}")

@@ -28,6 +28,7 @@ Imports torch and (lazily) diffusers and optimum-quanto; knows nothing of settin
 from __future__ import annotations
 
 import atexit
+import ctypes
 import fcntl
 import functools
 import inspect
@@ -320,6 +321,34 @@ def pin_in_place(model: torch.nn.Module) -> int:
     return pinned
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def spill_without_resident_placeholders() -> bool:
+    """Before disk offloading: diffusers frees each weight once its file is written and leaves an `empty_like`
+    placeholder, allocated before the weight is freed. glibc serves such a placeholder from the chunk the previous
+    weight just freed, already resident, so host RAM stays as full as before the spill (measured: 6.5 of 6.5 GiB for
+    the real-size int8 model). With a fixed mmap threshold every large allocation is a fresh mapping, untouched and
+    so not resident, and a freed one goes back to the system. glibc only; elsewhere nothing changes."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+
+
+def release_freed_heap() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise)."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
 def _require_accelerate() -> None:
     try:
         import accelerate  # noqa: F401  diffusers' group offloading moves inputs with accelerate's send_to_device
@@ -346,8 +375,12 @@ def apply(model: torch.nn.Module, adapter: torch.nn.Module, device: torch.device
     if folder and folder.swept:
         log.info("removed %d offload folder(s) left by runs that died: %s", len(folder.swept),
                  ", ".join(p.name for p in folder.swept))
+    if folder:
+        spill_without_resident_placeholders()
     apply_group_offloading(model, onload_device=device, offload_device=torch.device("cpu"), offload_type=plan.kind,
                            num_blocks_per_group=plan.blocks_per_group if plan.kind == "block_level" else None,
                            use_stream=stream, record_stream=stream,
                            offload_to_disk_path=str(folder.path) if folder else None)
+    if folder:
+        release_freed_heap()
     return GroupOffload(model, folder, stream)
