@@ -55,7 +55,7 @@ RUN apt-get -o Acquire::Retries=3 update \
 # CUDA (it brings its CUDA libraries as nvidia-* wheels), then every other pin of pyproject.toml, then
 # ninja for the kernels.
 COPY pyproject.toml /src/pyproject.toml
-COPY docker/image_build.py /opt/image_build.py
+COPY docker/image_build.py docker/cuda_toolchain.sh /opt/
 # PIP_EXTRA_ARGS is unquoted on purpose: it holds several options (SC2086).
 # hadolint ignore=SC2086
 RUN python /opt/image_build.py requirements /src/pyproject.toml /tmp/req "$TORCH_VERSION" \
@@ -65,16 +65,12 @@ RUN python /opt/image_build.py requirements /src/pyproject.toml /tmp/req "$TORCH
  && pip install $PIP_EXTRA_ARGS -r /tmp/req/deps.txt ninja==1.13.2 \
  && pip check
 
-# quanto's kernels, built once here instead of on every pod (see docker/image_build.py), with nvcc and the
-# CUDA headers from NVIDIA's wheels of torch's CUDA release, installed beside the venv (not into it, so
-# the final stage does not get them) and linked into CUDA_HOME. On a CPU torch only the C++ kernels.
-# One layer: the build stage's layers are full copies of the venv under some storage drivers.
-# hadolint ignore=SC2046,SC2086
+# quanto's kernels, built once here instead of on every pod (see docker/image_build.py), by nvcc of torch's
+# CUDA release (docker/cuda_toolchain.sh: NVIDIA's wheels for CUDA 13, NVIDIA's apt repository for CUDA 12;
+# outside the venv, so the final stage does not get it). On a CPU torch only the C++ kernels.
+# One layer: the build stage's layers are full copies of the venv under the vfs storage driver.
 RUN python /opt/image_build.py pin-quanto-arch \
- && if python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then \
-        pip install --target /opt/cuda-toolkit $PIP_EXTRA_ARGS $(python /opt/image_build.py cuda-toolkit-req) \
-     && python /opt/image_build.py cuda-home /opt/cuda-toolkit "$CUDA_HOME"; \
-    fi \
+ && if python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then sh /opt/cuda_toolchain.sh; fi \
  && python /opt/image_build.py prebuild-extensions
 
 # The project itself, without touching the dependencies installed above.

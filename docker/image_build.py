@@ -3,8 +3,8 @@
     python image_build.py requirements PYPROJECT OUTDIR [TORCH_VERSION]   torch.txt (pinned) and deps.txt
     python image_build.py torch-index CUDA_VERSION         the wheel index with torch for that CUDA version ("cpu" too)
     python image_build.py check-torch CUDA_VERSION         the installed torch is built for that CUDA version
-    python image_build.py cuda-toolkit-req [TORCH_WHEEL]   nvcc + headers wheels matching torch's CUDA runtime
-    python image_build.py cuda-home SITE_DIR CUDA_HOME     a CUDA_HOME tree (links) over the NVIDIA wheels in SITE_DIR
+    python image_build.py cuda-toolkit-req [TORCH_WHEEL]   nvcc + headers for torch's CUDA: `wheels REQ` or `apt PKG...`
+    python image_build.py cuda-home CUDA_HOME TREE...      a CUDA_HOME of links over toolkit folders / NVIDIA wheels
     python image_build.py pin-quanto-arch                  let QUANTO_CUDA_ARCH fix quanto's kernel-selection flag
     python image_build.py prebuild-extensions              compile optimum-quanto's extensions into its package
     python image_build.py check-extensions                 load them again, failing if anything was compiled again
@@ -108,50 +108,62 @@ def _torch_requires(wheel: str = "") -> list[str]:
 
 
 def cuda_toolkit_req(wheel: str = "") -> None:
-    """The NVIDIA wheels with nvcc, its device compiler and the CUDA headers, at the CUDA release torch's own
-    runtime wheels come from: torch for CUDA 13 pins `cuda-toolkit[...]==13.0.x`, for CUDA 12 it pins
-    `nvidia-cuda-runtime-cu12==12.8.x` (nvcc's wheel there carries the device compiler and crt headers)."""
+    """Where the build stage gets nvcc, its device compiler and the CUDA headers, at torch's CUDA release.
+    torch for CUDA 13 pins `cuda-toolkit[...]==13.0.x`: NVIDIA's wheels of that release carry nvcc, printed
+    as `wheels REQUIREMENT`. torch for CUDA 12 pins `nvidia-cuda-runtime-cu12==12.8.x`, and CUDA 12's
+    nvcc wheel holds ptxas alone: printed as `apt PACKAGE...`, NVIDIA's Debian packages of that release."""
     reqs = [r.split(";")[0].strip() for r in _torch_requires(wheel)]
     for r in reqs:
         m = re.fullmatch(r"cuda-toolkit(?:\[[^\]]*\])?\s*(==\s*[\d.*]+)", r)
         if m:
-            print(f"cuda-toolkit[nvcc,cccl,crt,nvvm,cudart]{m.group(1).replace(' ', '')}")
+            print(f"wheels cuda-toolkit[nvcc,cccl,crt,nvvm,cudart]{m.group(1).replace(' ', '')}")
             return
     for r in reqs:
-        m = re.fullmatch(r"nvidia-cuda-runtime-cu(\d+)\s*==\s*(\d+)\.(\d+)\.[\d.]+", r)
+        m = re.fullmatch(r"nvidia-cuda-runtime-cu12\s*==\s*12\.(\d+)\.[\d.]+", r)
         if m:
-            major, minor = m.group(2), m.group(3)
-            print(f"{r.replace(' ', '')} nvidia-cuda-nvcc-cu{m.group(1)}=={major}.{minor}.* "
-                  f"nvidia-cuda-cccl-cu{m.group(1)}=={major}.{minor}.*")
+            mm = f"12-{m.group(1)}"
+            print(f"apt cuda-nvcc-{mm} cuda-cudart-dev-{mm} cuda-cccl-{mm}")
             return
     sys.exit(f"torch requires no CUDA runtime wheel I know ({reqs}): is it a CUDA build from a wheel index?")
 
 
-def cuda_home(site_dir: str, home: str) -> None:
-    """nvcc, its device compiler, headers and libcudart from NVIDIA's wheels (installed under SITE_DIR/nvidia/,
-    one folder per component for CUDA 12, one `cu13` folder for CUDA 13) linked into the layout torch's
-    extension builder expects of CUDA_HOME: bin/nvcc, include/, lib64/libcudart.so, nvvm/."""
-    src, dst = Path(site_dir) / "nvidia", Path(home)
-    if not (src.is_dir() and any(src.glob("*/bin/nvcc"))):
-        sys.exit(f"no nvidia/*/bin/nvcc under {site_dir}: install the wheels from `cuda-toolkit-req` there")
+def cuda_home(home: str, *trees: str) -> None:
+    """nvcc, its device compiler, headers and libcudart linked into the layout torch's extension builder
+    expects of CUDA_HOME (bin/nvcc, include/, lib64/libcudart.so, nvvm/). Each TREE is a toolkit folder
+    (bin/, include/, lib64/) or a site-packages folder whose nvidia/ holds NVIDIA's wheels (one folder per
+    component for CUDA 12, one `cu13` for CUDA 13): the toolchain's, then the venv's, whose cuBLAS, cuSPARSE
+    and cuSOLVER headers torch's ATen/cuda/CUDAContext.h includes. The first tree to have a file wins."""
+    dst = Path(home)
+    if dst.is_symlink():
+        dst.unlink()
+    components = []
+    for tree in map(Path, trees):
+        components += sorted(p for p in (tree / "nvidia").iterdir() if p.is_dir()) if (tree / "nvidia").is_dir() \
+            else [tree]
     linked = 0
-    for comp in sorted(p for p in src.iterdir() if p.is_dir()):
-        for sub, target in (("bin", "bin"), ("include", "include"), ("lib", "lib64"), ("nvvm", "nvvm")):
+    for comp in components:
+        for sub, target in (("bin", "bin"), ("include", "include"), ("lib", "lib64"), ("lib64", "lib64"),
+                            ("nvvm", "nvvm")):
             top = comp / sub
             for root, _, files in os.walk(top):
                 rel = Path(root).relative_to(top)
                 (dst / target / rel).mkdir(parents=True, exist_ok=True)
                 for f in files:
                     link = dst / target / rel / f
-                    if not link.exists():
+                    if not os.path.lexists(link):
                         link.symlink_to(Path(root, f).resolve())
                         linked += 1
+    if not (dst / "bin" / "nvcc").exists():
+        sys.exit(f"no bin/nvcc in {trees}")
     lib = dst / "lib64"
     if not (lib / "libcudart.so").exists():  # the wheels ship only the versioned name; the linker wants this one
         versioned = sorted(lib.glob("libcudart.so.*"))
         if not versioned:
             sys.exit(f"no libcudart.so.* in {lib}")
         (lib / "libcudart.so").symlink_to(versioned[0].name)
+    for header in ("cuda_runtime.h", "cublas_v2.h", "cusparse.h", "cusolverDn.h", "cub/cub.cuh"):
+        if not any((dst / "include" / sub / header).exists() for sub in ("", "cccl")):
+            sys.exit(f"{dst}/include has no {header} (torch's CUDA headers include it)")
     out = subprocess.run([str(dst / "bin" / "nvcc"), "--version"], capture_output=True, text=True, check=True).stdout
     print(f"{dst}: {linked} links; {out.strip().splitlines()[-1]}")
 

@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
 # Image smoke test (`make image-smoke`; `.ci/run` runs it after `make test`): build the real Dockerfile
-# on a plain Debian base with a CPU torch, then run the image the way RunPod, Vast.ai and `docker run`
-# users do.
+# on a plain Debian base, then run the image the way RunPod, Vast.ai and `docker run` users do.
 #
-#  1. a Docker engine: the running one, else Debian's docker.io started here (vfs storage, no iptables,
-#     no bridge), stopped again at the end, failure and timeout included
-#  2. a base image made with debootstrap from this machine's Debian mirror and `docker import`
-#  3. a wheelhouse (`pip download` on the host, CPU torch) served on 127.0.0.1 for the build's pip
-#     (HTTPS from inside the build isn't trusted here, and the image's pip must not reach out anyway)
-#  4. `docker build --build-arg BASE_IMAGE=... --build-arg RUNTIME_IMAGE=...` of the Dockerfile
-#  5. checks: no settings at all exits 2 within seconds, naming what is missing; no compiler on the
-#     final image's PATH; `demo` into a root-owned /workspace lands the adapter there, written by the
-#     job's uid; the same with `docker run --user`.
+#   scripts/image_smoke.sh          the CPU variant: a CPU torch (CUDA_VERSION=cpu)
+#   scripts/image_smoke.sh cuda     the CUDA 13.0 variant from PyPI's wheels, quanto's CUDA kernels built by
+#                                   nvcc for one GPU architecture (SMOKE_CUDA_ARCH, 9.0), checked without a GPU
+#   scripts/image_smoke.sh cleanup  only stop and remove what an aborted run left
+#
+#  1. a Docker engine: the running one, else Debian's docker.io started here (overlay2 storage where the
+#     kernel allows it, else vfs; no iptables, no bridge), stopped again at the end, failure and timeout
+#     included
+#  2. a base image made with debootstrap from this machine's Debian mirror and `docker import` (the
+#     stand-in for debian:bookworm-slim, which the Dockerfile uses by default)
+#  3. a wheelhouse (`pip download` on the host) served on 127.0.0.1 for the build's pip (HTTPS from
+#     inside the build isn't trusted here, and the image's pip must not reach out anyway): for cpu with
+#     this machine's pip settings (its torch==2.13.0 is a CPU build), for cuda from PyPI alone (torch
+#     2.13.0's default Linux wheel is the CUDA 13.0 build), with the nvcc and header wheels of torch's
+#     CUDA release for the build stage
+#  4. `docker build --build-arg BASE_IMAGE=... --build-arg RUNTIME_IMAGE=...` of the Dockerfile; for cuda
+#     with CUDA_VERSION=13.0.2, TORCH_CUDA_ARCH_LIST=9.0 and MAX_JOBS=2 (SMOKE_MAX_JOBS)
+#  5. checks: no settings at all exits 2 within seconds, naming what is missing; gcc (for Triton's
+#     launcher) and no other compiler on the final image's PATH, no /usr/local/cuda; `demo` into a
+#     root-owned /workspace lands the adapter there, written by the job's uid 1000; the same with
+#     `docker run --user`. For cuda also, as uid 1000 in the image: torch.version.cuda is 13.0,
+#     bitsandbytes' CUDA 13 library is there, quanto's CUDA library holds sm_90 code and loads without
+#     compiling (its build folder unchanged), no nvcc, Triton builds its C launcher with gcc and loads it
+#     (against a stub libcuda), `entrypoint.py --help` runs, NVIDIA_VISIBLE_DEVICES and
+#     NVIDIA_DRIVER_CAPABILITIES are set.
 # Builds and runs use --network host. Needs root (apt-get, dockerd, debootstrap, mount).
 #
 # Exit status: 0 passed; 1 the build or a check failed; 77 skipped, with the reason, because what it
