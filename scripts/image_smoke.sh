@@ -482,10 +482,10 @@ rm -f "$RUN/path-dir.tar"
 c_drivers=$(tr ' ' '\n' <<<"$compilers" | grep -E '/((.*-)?gcc(-[0-9.]+)?|cc)$' || true)
 others=$(tr ' ' '\n' <<<"$compilers" | grep -vE '/((.*-)?gcc(-[0-9.]+)?|cc)$' | grep . || true)
 [ -n "$c_drivers" ] || fail "no gcc in the final image: Triton cannot build its launcher"
-[ -z "$others" ] || fail "a compiler other than gcc is in the final image: $(echo $others)"
+[ -z "$others" ] || fail "a compiler other than gcc is in the final image: $(tr '\n' ' ' <<<"$others")"
 docker cp "$NS:/usr/local/cuda" - >/dev/null 2>&1 && fail "the final image has /usr/local/cuda (the build stage's toolkit)"
 docker rm "$NS" >/dev/null
-log "gcc only ($(echo $c_drivers)) in the $listed folders of $img_path"
+log "gcc only ($(awk -F/ '{ print $NF }' <<<"$c_drivers" | sort -u | tr '\n' ' ')) in the $listed folders of $img_path"
 
 if [ "$VARIANT" = cuda ]; then
     env_lines=$(docker image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE")
