@@ -27,21 +27,13 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
 # Extra pip options for every install, e.g. "--no-index --find-links http://127.0.0.1:8765/" (the smoke test).
 ARG PIP_EXTRA_ARGS=""
-# Ampere (8.0, 8.6), Ada (8.9), Hopper (9.0), Blackwell (10.0, 12.0); all compile with CUDA 12.8 and 13.0.
-ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0;12.0"
-# nvcc jobs at once: Marlin's kernels take several GB each; 4 fits 24 GB of RAM.
-ARG MAX_JOBS=4
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
-    CUDA_HOME=/usr/local/cuda \
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
-    TORCH_EXTENSION_SKIP_NVCC_GEN_DEPENDENCIES=1 \
-    QUANTO_CUDA_ARCH=800 \
-    MAX_JOBS=${MAX_JOBS}
+    CUDA_HOME=/usr/local/cuda
 
 SHELL ["/bin/sh", "-eu", "-c"]
 
@@ -69,6 +61,15 @@ RUN python /opt/image_build.py requirements /src/pyproject.toml /tmp/req "$TORCH
 # CUDA release (docker/cuda_toolchain.sh: NVIDIA's wheels for CUDA 13, NVIDIA's apt repository for CUDA 12;
 # outside the venv, so the final stage does not get it). On a CPU torch only the C++ kernels.
 # One layer: the build stage's layers are full copies of the venv under the vfs storage driver.
+# The GPU architectures come here, after the dependencies: another list rebuilds the kernels only.
+# Ampere (8.0, 8.6), Ada (8.9), Hopper (9.0), Blackwell (10.0, 12.0); all compile with CUDA 12.8 and 13.0.
+ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0;12.0"
+# nvcc jobs at once: Marlin's kernels take about 3 GB of RAM per job (measured, one arch); 4 fits 24 GB.
+ARG MAX_JOBS=4
+ENV TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
+    TORCH_EXTENSION_SKIP_NVCC_GEN_DEPENDENCIES=1 \
+    QUANTO_CUDA_ARCH=800 \
+    MAX_JOBS=${MAX_JOBS}
 RUN python /opt/image_build.py pin-quanto-arch \
  && if python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then sh /opt/cuda_toolchain.sh; fi \
  && python /opt/image_build.py prebuild-extensions
