@@ -113,18 +113,19 @@ def cuda_toolkit_req(wheel: str = "") -> None:
     as `wheels REQUIREMENT`. torch for CUDA 12 pins `nvidia-cuda-runtime-cu12==12.8.x`, and CUDA 12's
     nvcc wheel holds ptxas alone: printed as `apt PACKAGE...`, NVIDIA's Debian packages of that release."""
     reqs = [r.split(";")[0].strip() for r in _torch_requires(wheel)]
+    version = None
     for r in reqs:
-        m = re.fullmatch(r"cuda-toolkit(?:\[[^\]]*\])?\s*(==\s*[\d.*]+)", r)
+        m = re.fullmatch(r"(cuda-toolkit(?:\[[^\]]*\])?|nvidia-cuda-runtime-cu\d+)\s*==\s*(\d+)\.(\d+)[\d.*]*", r)
         if m:
-            print(f"wheels cuda-toolkit[nvcc,cccl,crt,nvvm,cudart]{m.group(1).replace(' ', '')}")
-            return
-    for r in reqs:
-        m = re.fullmatch(r"nvidia-cuda-runtime-cu12\s*==\s*12\.(\d+)\.[\d.]+", r)
-        if m:
-            mm = f"12-{m.group(1)}"
-            print(f"apt cuda-nvcc-{mm} cuda-cudart-dev-{mm} cuda-cccl-{mm}")
-            return
-    sys.exit(f"torch requires no CUDA runtime wheel I know ({reqs}): is it a CUDA build from a wheel index?")
+            version = (int(m.group(2)), int(m.group(3)), r.split("==")[1].strip(), m.group(1).startswith("cuda-toolkit"))
+            break
+    if version is None:
+        sys.exit(f"torch requires no CUDA runtime wheel I know ({reqs}): is it a CUDA build from a wheel index?")
+    major, minor, pin, metapackage = version
+    if major >= 13 and metapackage:
+        print(f"wheels cuda-toolkit[nvcc,cccl,crt,nvvm,cudart]=={pin}")
+    else:
+        print(f"apt cuda-nvcc-{major}-{minor} cuda-cudart-dev-{major}-{minor} cuda-cccl-{major}-{minor}")
 
 
 def cuda_home(home: str, *trees: str) -> None:
@@ -145,7 +146,7 @@ def cuda_home(home: str, *trees: str) -> None:
         for sub, target in (("bin", "bin"), ("include", "include"), ("lib", "lib64"), ("lib64", "lib64"),
                             ("nvvm", "nvvm")):
             top = comp / sub
-            for root, _, files in os.walk(top):
+            for root, _, files in os.walk(top, followlinks=True):  # apt's include/ and lib64/ are links
                 rel = Path(root).relative_to(top)
                 (dst / target / rel).mkdir(parents=True, exist_ok=True)
                 for f in files:

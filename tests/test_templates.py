@@ -243,6 +243,11 @@ def test_cuda_toolkit_wheels_match_torchs_cuda_release(tmp_path):
     run = run_image_build("cuda-toolkit-req", str(cu12))
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["apt", "cuda-nvcc-12-8", "cuda-cudart-dev-12-8", "cuda-cccl-12-8"]
+    # also when a CUDA 12 torch pins the cuda-toolkit metapackage, as the CUDA 13 one does
+    (tmp_path / "cu12b").mkdir()
+    cu12b = torch_wheel(tmp_path / "cu12b", ['cuda-toolkit[cublas,cudart]==12.8.1; platform_system == "Linux"'])
+    run = run_image_build("cuda-toolkit-req", str(cu12b))
+    assert run.returncode == 0 and run.stdout.split()[:2] == ["apt", "cuda-nvcc-12-8"], run.stdout + run.stderr
     (tmp_path / "cpu").mkdir()
     assert run_image_build("cuda-toolkit-req", str(torch_wheel(tmp_path / "cpu", ["filelock"]))).returncode != 0
 
