@@ -33,28 +33,32 @@
 # needs is not here (not root, no apt to install docker.io or debootstrap, a dockerd that cannot start
 # in this sandbox, no Debian mirror for debootstrap, too little free disk).
 #
-# Time on 2 cores (quiet; about twice that under load): 4 min cold, 3 min with the caches below. The
-# build takes 2.5 min, the checks 35 s (with vfs, making a container's file system copies the whole
-# 1.8 GB image twice), debootstrap 25 s and `pip download` 15 s when not cached.
+# Time on 2 cores. cpu (quiet; about twice that under load): 4 min cold, 3 min with the caches below;
+# the build takes 2.5 min, the checks 35 s, debootstrap 25 s and `pip download` 15 s when not cached.
+# cuda (measured while other tests shared the cores): 20 min with the caches, about 22 cold; the build
+# takes 19 min, 12 of them nvcc on quanto's CUDA kernels (about 3 GB of RAM per nvcc job), the checks
+# 75 s, `pip download` of the ~2.8 GB wheelhouse about 1 min.
 # What is kept between runs, under SMOKE_DIR:
 #  - cache/rootfs-SUITE-ARCH-MIRRORHASH.tar, the debootstrap rootfs (made again after SMOKE_ROOTFS_DAYS),
-#    and cache/wheels-HASH, the wheelhouse for that torch requirement, pyproject's pins and the host's
-#    Python: a second run skips debootstrap and `pip download`;
-#  - nothing of the daemon's data (~35 GB at its peak: vfs stores every layer and every container's
-#    file system in full) unless SMOKE_KEEP=1, which keeps it and with it the build cache. It lives
-#    in an ext4 file system in a sparse file, mounted through a loop device where the kernel has one:
-#    removing it is removing one file, not a million (a minute on a host file system mounted with
-#    `discard`). Without a loop device it is a plain folder.
+#    cache/wheels-HASH and cache/cuda-wheels-HASH, the wheelhouses for that torch requirement,
+#    pyproject's pins and the host's Python: a second run skips debootstrap and `pip download`;
+#  - nothing of the daemon's data (with vfs ~35 GB at its peak for cpu, every layer and every
+#    container's file system in full; with overlay2 DISK_CUDA for cuda) unless SMOKE_KEEP=1, which
+#    keeps it and with it the build cache. It lives in an ext4 file system in a sparse file, mounted
+#    through a loop device where the kernel has one: removing it is removing one file, not a million
+#    (a minute on a host file system mounted with `discard`). Without a loop device it is a plain folder.
 # Every run first stops what an aborted run left behind (its dockerd, containerd, shims and their
 # containers, its wheel server), unmounts its mounts and removes its state;
 # `scripts/image_smoke.sh cleanup` does only that.
 #
 # Settings (environment): SMOKE_DIR (default /var/tmp/auraflow-image-smoke), SMOKE_MIRROR (Debian
 # mirror; default: this machine's apt source), SMOKE_SUITE (default: this machine's codename),
-# SMOKE_TORCH (default torch==2.13.0, the CPU wheel here), SMOKE_STEPS (default 4), SMOKE_KEEP=1,
+# SMOKE_TORCH (default torch==the Dockerfile's TORCH_VERSION), SMOKE_STEPS (default 4), SMOKE_KEEP=1,
 # SMOKE_ROOTFS_DAYS (default 30), SMOKE_MIN_FREE_GB (free disk needed unless the daemon's data is
 # kept; default 40), SMOKE_DISK_GB (size of the sparse file; default 60), SMOKE_PORT (the wheel
-# server's, default 38765 when free).
+# server's, default 38765 when free), SMOKE_STORAGE (storage drivers to try; default "overlay2 vfs").
+# cuda only: SMOKE_CUDA_VERSION (default 13.0.2), SMOKE_CUDA_ARCH (TORCH_CUDA_ARCH_LIST; default 9.0),
+# SMOKE_CUDA_INDEX (default https://pypi.org/simple), SMOKE_MAX_JOBS (default 2).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
