@@ -71,6 +71,17 @@ def _export_library_vars(raw: dict[str, str | None]) -> None:
             del os.environ[var]
 
 
+# Read by torch's CUDA caching allocator at its first allocation (the ranks inherit it). With expandable segments,
+# memory freed in one shape (the bf16 weights quantised block by block, the encoders after caching) serves the next,
+# so reserved memory stays near what is allocated. A user's own setting, under either name, wins.
+CUDA_ALLOC_DEFAULT = "expandable_segments:True"
+
+
+def _allocator_defaults() -> None:
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_DEFAULT
+
+
 def _builtin_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auraflow-lokr-job"
 
@@ -98,6 +109,7 @@ def _rank_env(raw: dict[str, str | None], config_file: str | None) -> dict[str, 
 def _run(command: str, given: dict[str, str | None]) -> None:
     rank = int(os.environ.get("RANK", "0"))  # torchrun's, in a process it started
     log.setup(verbose=os.environ.get("JOB_VERBOSE", "") not in ("", "0"), rank=rank)
+    _allocator_defaults()
     raw = _raw_values(given)
     config_file = raw.pop("config_file", None)
     for name in ("hf_token", "wandb_api_key"):

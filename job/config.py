@@ -182,6 +182,14 @@ def _num_processes(raw: str) -> int:
 _num_processes.allowed = "auto or an integer >= 1"
 
 
+def _auto_bool(raw: str) -> bool | None:
+    """auto → None: the job decides from the hardware (see the setting's help)."""
+    return None if raw.strip().lower() == "auto" else _bool(raw)
+
+
+_auto_bool.allowed = "auto or a boolean: true/false/1/0/yes/no"
+
+
 def opt(default: str, help: str, parse: Callable[[str], Any] | None = None, *, secret: bool = False):
     """A setting: its raw default (as a user would type it), help text and parser.
 
@@ -277,7 +285,9 @@ class MemorySettings:
     enable_group_offload: bool = opt("false", "Offload transformer blocks to CPU (or disk) between uses")
     group_offload_type: str = opt("block_level", "Offload granularity", _choice("block_level", "leaf_level"))
     group_offload_blocks_per_group: int = opt("1", "Blocks per offload group (block_level)", _pos_int())
-    group_offload_use_stream: bool = opt("false", "Prefetch the next group on a CUDA stream")
+    group_offload_use_stream: bool | None = opt("auto", "Prefetch the next group on a CUDA stream; auto: on with CUDA "
+                                                "when the grouping allows it (block_level, 1 block per group, in RAM)",
+                                                _auto_bool)
     group_offload_to_disk_path: str = opt("", "Spill offloaded weights to this folder instead of RAM")
     enable_model_cpu_offload: bool = opt("false", "Move whole models to CPU when idle (simpler, slower)")
     offload_during_startup: bool = opt("false", "Keep the VAE and text encoder on the GPU only while caching")
@@ -511,14 +521,15 @@ def cross_check(s: Settings) -> list[str]:
         if t.base_model_precision == "nf4-bnb":
             p.append("ENABLE_GROUP_OFFLOAD=true with BASE_MODEL_PRECISION=nf4-bnb: bitsandbytes weights cannot be "
                      "offloaded in groups; use int8-quanto or int4-quanto")
-        if m.group_offload_use_stream and m.group_offload_type == "block_level" and m.group_offload_blocks_per_group > 1:
+        if m.group_offload_use_stream is True and m.group_offload_type == "block_level" \
+                and m.group_offload_blocks_per_group > 1:
             p.append(f"GROUP_OFFLOAD_USE_STREAM=true prefetches one block at a time: set GROUP_OFFLOAD_BLOCKS_PER_GROUP=1 "
                      f"(not {m.group_offload_blocks_per_group}) or turn the stream off")
     if m.enable_model_cpu_offload and t.base_model_precision == "nf4-bnb":
         p.append("ENABLE_MODEL_CPU_OFFLOAD=true with BASE_MODEL_PRECISION=nf4-bnb: bitsandbytes weights cannot move "
                  "between devices; use int8-quanto or int4-quanto")
     if not m.enable_group_offload:
-        for name, value in (("GROUP_OFFLOAD_USE_STREAM", m.group_offload_use_stream),
+        for name, value in (("GROUP_OFFLOAD_USE_STREAM", m.group_offload_use_stream is True),
                             ("GROUP_OFFLOAD_TO_DISK_PATH", m.group_offload_to_disk_path)):
             if value:
                 p.append(f"{name} is set but ENABLE_GROUP_OFFLOAD=false: set ENABLE_GROUP_OFFLOAD=true, or unset {name}")

@@ -111,6 +111,9 @@ class Context:
             return
         import torch.distributed as dist
 
+        # The first training collective: ranks get here after loading and quantising at their own speed, which can
+        # take longer than STEP_TIMEOUT apart. Meet on the long-timeout group first.
+        self.barrier()
         flat = _flat([p.detach() for p in params])
         dist.broadcast(flat, src=0)
         _unflat(flat, params)

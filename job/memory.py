@@ -1,4 +1,5 @@
-"""Predicted peak accelerator memory of a training step, from parameter counts and settings (pure arithmetic).
+"""Predicted peak accelerator memory of a training step, and peak host RAM of the job, from parameter counts and
+settings (arithmetic), and the RAM this machine or container allows.
 
 `check` prints it, so a user learns before renting a GPU whether the settings fit; bench/gpu.py prints it beside
 the measured peak (torch.cuda.max_memory_allocated, which leaves out the ~0.5-1 GiB CUDA context).
@@ -15,7 +16,9 @@ The terms, for one step of batch B at resolution R with a frozen base and a LoKr
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 GiB = 2**30
 # Tensors of hidden width alive inside one MMDiT block during its forward+backward, per token: q, k, v, attention
@@ -34,6 +37,9 @@ class ModelSize:
     hidden: int
     patch_size: int
     vae_scale_factor: int
+    # Σ (each block tensor's size rounded up to a power of two) / Σ sizes: what torch's pinned-memory cache makes of
+    # the blocks (the same for 1-, 2- and 4-byte elements)
+    pinned_ratio: float = 1.0
 
     @property
     def total(self) -> int:
@@ -103,3 +109,62 @@ def estimate(size: ModelSize, adapter_params: int, *, precision: str, mixed_prec
     else:
         activations = n * BLOCK_WORKING_WIDTHS * width_bytes
     return Estimate(float(weights), float(adapter), float(activations))
+
+
+# ---------------------------------------------------------------- host RAM
+
+# The process before any model: Python, torch, diffusers, transformers and their libraries (measured on CPU: ~0.9
+# GiB; CUDA's own libraries and context add about as much again on a GPU machine).
+PROCESS_BYTES = {"cpu": 1.0 * GiB, "cuda": 2.0 * GiB}
+
+
+@dataclass(frozen=True)
+class HostEstimate:
+    load: float  # the transformer as from_pretrained leaves it: every weight, dense, in host RAM
+    train: float  # what stays in host RAM while training: offloaded weights (pinned with a stream)
+    process: float
+
+    @property
+    def total(self) -> float:
+        return self.process + max(self.load, self.train)
+
+    def describe(self) -> str:
+        return (f"≈{self.total / GiB:.1f} GiB peak host RAM (loading the transformer {self.load / GiB:.1f}, "
+                f"while training {self.train / GiB:.1f}, the process {self.process / GiB:.1f})")
+
+
+def host_estimate(size: ModelSize, *, precision: str, mixed_precision: str, device: str, group_offload: bool,
+                  stream: bool, to_disk: bool) -> HostEstimate:
+    """Peak resident host memory of one process. Loading puts the whole transformer in host RAM at its dense
+    training dtype (quantisation comes after, block by block); the VAE and text encoder have been freed by then.
+    While training the base weights are on the accelerator, except with group offloading: then host RAM holds
+    them (quantised), pinned and rounded up with a stream (offload.py pins in place, so there is no second copy),
+    or only placeholders when they were spilled to disk. On a CPU-only machine every weight stays in host RAM."""
+    dense = float(size.total * _dense(mixed_precision))
+    weights = weight_bytes(size, precision, mixed_precision)
+    if group_offload and to_disk:
+        train = 0.0  # a group at a time, read back from its file
+    elif group_offload:
+        train = weights * (size.pinned_ratio if stream and device == "cuda" else 1.0)
+    else:
+        train = weights if device != "cuda" else 0.0
+    return HostEstimate(load=dense, train=float(train), process=PROCESS_BYTES.get(device, PROCESS_BYTES["cpu"]))
+
+
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v2, v1
+
+
+def machine_ram_bytes() -> int | None:
+    """Physical RAM, or the container's memory limit when that is lower (a pod's RAM is its cgroup limit)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    for path in CGROUP_LIMITS:
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            ram = min(ram, int(limit))
+    return ram

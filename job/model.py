@@ -5,6 +5,7 @@ Knows nothing of datasets: it turns a model folder and settings into modules rea
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -64,6 +65,13 @@ def device_problems(settings: Settings, device: torch.device) -> list[str]:
                      "use the non-paged form on this machine")
         if settings.training.base_model_precision == "nf4-bnb":
             p.append("BASE_MODEL_PRECISION=nf4-bnb needs a CUDA GPU; use int8-quanto or int4-quanto here")
+        m = settings.memory
+        if (m.enable_group_offload and m.group_offload_to_disk_path and settings.training.mixed_precision == "bf16"
+                and settings.training.base_model_precision in ("int8-quanto", "int4-quanto")):
+            # measured: torch's CPU int8 kernel (_weight_int8pack_mm) segfaults on weights read back from disk
+            p.append(f"GROUP_OFFLOAD_TO_DISK_PATH with BASE_MODEL_PRECISION={settings.training.base_model_precision} "
+                     "and MIXED_PRECISION=bf16 crashes torch's CPU kernels: on a machine without CUDA use "
+                     "MIXED_PRECISION=no, or offload to RAM")
     return p
 
 
@@ -86,6 +94,14 @@ def encode_prompts(text_pipe, prompts: list[str], device: torch.device) -> torch
     embeds, _, _, _ = text_pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
                                               max_sequence_length=MAX_SEQUENCE_LENGTH)
     return embeds
+
+
+def release(device: torch.device) -> None:
+    """After a model is dropped: collect it (diffusers' modules hold reference cycles) and hand its cached GPU
+    memory back, so the next model's allocations and `check`'s estimate start from what is really in use."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def load_vae(model_dir: Path, device: torch.device):
@@ -118,18 +134,17 @@ def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
     transformer = AuraFlowTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", dtype=dtype,
                                                              **kwargs)
     transformer.requires_grad_(False)
-    quanto = t.base_model_precision in ("int8-quanto", "int4-quanto")
-    if quanto and m.enable_group_offload:
-        quantize_blocks(transformer, t.base_model_precision, device)
-    elif quanto:
-        if t.quantize_via == "accelerator":
-            transformer.to(device)
-        quantize_quanto(transformer, t.base_model_precision)
+    if t.base_model_precision in ("int8-quanto", "int4-quanto"):
+        # on the GPU unless QUANTIZE_VIA=cpu; group offloading always quantises there, its payload packed for the
+        # device's kernels (offload.expose_quantized_payload)
+        on = device if t.quantize_via == "accelerator" or m.enable_group_offload else torch.device("cpu")
+        quantize_blocks(transformer, t.base_model_precision, on, keep=not m.enable_group_offload,
+                        expose=m.enable_group_offload)
     if m.enable_group_offload:
         transformer.to("cpu")
     elif t.base_model_precision != "nf4-bnb":
         transformer.to(device)
-        if quanto and m.enable_model_cpu_offload:
+        if m.enable_model_cpu_offload and t.base_model_precision in ("int8-quanto", "int4-quanto"):
             from job import offload
 
             offload.expose_quantized_payload(transformer)  # on the device: the payload keeps that device's packing
@@ -147,6 +162,17 @@ def checkpointing(settings: Settings) -> bool:
     return settings.training.gradient_checkpointing or settings.memory.enable_group_offload
 
 
+def use_stream(settings: Settings, device: torch.device) -> bool:
+    """GROUP_OFFLOAD_USE_STREAM resolved: auto is on with CUDA when the grouping allows prefetching one block at a
+    time in RAM. Without the stream every block is copied to the GPU and back synchronously, twice a step; disk
+    spill and CPU-only machines keep that path."""
+    m = settings.memory
+    if m.group_offload_use_stream is not None:
+        return m.group_offload_use_stream
+    return (device.type == "cuda" and m.enable_group_offload and m.group_offload_type == "block_level"
+            and m.group_offload_blocks_per_group == 1 and not m.group_offload_to_disk_path)
+
+
 def offload_transformer(transformer, network, settings: Settings, device: torch.device, model_dir: Path):
     """ENABLE_GROUP_OFFLOAD: the base transformer's weights move to `device` a group at a time (the adapter's
     never move). Returns the GroupOffload; its close() removes the run's disk folder."""
@@ -155,26 +181,34 @@ def offload_transformer(transformer, network, settings: Settings, device: torch.
     fingerprint = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), settings.training.base_model_precision,
                                              settings.training.mixed_precision]).encode()).hexdigest()[:12]
     m = settings.memory
-    plan = offload.Plan(m.group_offload_type, m.group_offload_blocks_per_group, m.group_offload_use_stream,
+    plan = offload.Plan(m.group_offload_type, m.group_offload_blocks_per_group, use_stream(settings, device),
                         m.group_offload_to_disk_path)
     off = offload.apply(transformer, network, device, plan, fingerprint)
     log.info("group offload: %d groups (%s, %d block(s) per group%s), to %s", len(off.groups),
              m.group_offload_type, m.group_offload_blocks_per_group,
-             ", stream prefetch" if off.stream else "", off.folder.path if off.folder else "CPU memory")
+             (", stream prefetch" + (" (GROUP_OFFLOAD_USE_STREAM=auto: on with CUDA)"
+                                     if m.group_offload_use_stream is None else "")) if off.stream else "",
+             off.folder.path if off.folder else "CPU memory")
     return off
 
 
-def quantize_blocks(transformer: torch.nn.Module, precision: str, device: torch.device) -> None:
-    """For group offloading: quantise one block at a time on `device` (never the whole bf16 model in GPU memory,
-    whatever QUANTIZE_VIA says) and expose its payload there, packed as that device's kernels expect; back to the
-    CPU after. The same weights as quantize_quanto, which leaves the non-block layers unquantised too."""
+def quantize_blocks(transformer: torch.nn.Module, precision: str, device: torch.device, *, keep: bool,
+                    expose: bool) -> None:
+    """Quantise one block at a time on `device`: never the whole bf16 model there, and each block's freed bf16
+    memory is what the next block reuses, so the CUDA allocator is not left holding fragments of the bf16 model
+    (reserved memory near the bf16 size while only the int8 one is in use). `keep`: blocks stay on `device`, else
+    back to the CPU (group offloading moves them itself). `expose`: the payload as plain parameters, packed as
+    `device`'s kernels expect (offload.expose_quantized_payload: for moving the weights). The same weights as
+    quantize_quanto on the whole model, which leaves the non-block layers unquantised too."""
     from job import offload
 
     for block in offload.blocks(transformer):
         block.to(device)
         quantize_quanto(block, precision)
-        offload.expose_quantized_payload(block)
-        block.to("cpu")
+        if expose:
+            offload.expose_quantized_payload(block)
+        if not keep:
+            block.to("cpu")
 
 
 def quantize_quanto(transformer: torch.nn.Module, precision: str) -> None:
@@ -233,13 +267,15 @@ def model_size(transformer: torch.nn.Module, geo: Geometry):
     linear = [sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks]
     total = [sum(p.numel() for p in b.parameters()) for b in blocks]
     cfg = transformer.config
+    numels = [p.numel() for b in blocks for p in b.parameters()]
+    pinned = sum(1 << (n - 1).bit_length() for n in numels) / max(1, sum(numels))
     return ModelSize(outside=sum(p.numel() for p in transformer.parameters()) - sum(total),
                      block_linear=tuple(linear), block_other=tuple(t - lin for t, lin in zip(total, linear)),
                      hidden=cfg.num_attention_heads * cfg.attention_head_dim,
-                     patch_size=geo.patch_size, vae_scale_factor=geo.vae_scale_factor)
+                     patch_size=geo.patch_size, vae_scale_factor=geo.vae_scale_factor, pinned_ratio=pinned)
 
 
-def memory_estimate(settings: Settings, size, adapter_params: int, resolution: int):
+def memory_estimate(settings: Settings, size, adapter_params: int, resolution: int, device: torch.device):
     from job import memory
 
     t, m = settings.training, settings.memory
@@ -248,7 +284,16 @@ def memory_estimate(settings: Settings, size, adapter_params: int, resolution: i
                            text_tokens=MAX_SEQUENCE_LENGTH,
                            checkpointing=checkpointing(settings),
                            group_offload=m.enable_group_offload, offload_type=m.group_offload_type,
-                           blocks_per_group=m.group_offload_blocks_per_group, stream=m.group_offload_use_stream)
+                           blocks_per_group=m.group_offload_blocks_per_group, stream=use_stream(settings, device))
+
+
+def host_memory_estimate(settings: Settings, size, device: torch.device):
+    from job import memory
+
+    t, m = settings.training, settings.memory
+    return memory.host_estimate(size, precision=t.base_model_precision, mixed_precision=t.mixed_precision,
+                                device=device.type, group_offload=m.enable_group_offload,
+                                stream=use_stream(settings, device), to_disk=bool(m.group_offload_to_disk_path))
 
 
 def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: torch.dtype,
@@ -267,6 +312,11 @@ def _lycoris_network(transformer: torch.nn.Module, lycoris_config: dict):
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # set on import; its per-module lines bury ours
     cfg = dict(lycoris_config)
+    # Bypass mode computes y = Wx + ΔW·x. LyCORIS's default for a plain Linear rebuilds the weight instead,
+    # ((W + ΔW) - W)·x in the weight's dtype, which in bf16 drops every update below half an ulp of W: the forward
+    # ignores a young adapter while its gradients still flow. It also costs a full-size weight per layer. Quantised
+    # layers get bypass anyway. The saved adapter is the same either way. DoRA (dora_wd) has no bypass form.
+    cfg.setdefault("bypass_mode", str(cfg.get("dora_wd", False)).lower() == "false")  # lycoris' str_bool
     preset = cfg.pop("apply_preset", {})
     multiplier = float(cfg.pop("multiplier", 1.0))
     linear_dim = cfg.pop("linear_dim", 4)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, cloud, data, disk, hub, model, outputs, sample, webhook
+from job import builtin, card, checkpoint, cloud, data, disk, hub, memory, model, outputs, sample, webhook
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
 from job.distributed import SINGLE, Context, Ranks, started
@@ -140,14 +140,16 @@ def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Ge
              t.gradient_accumulation_steps, processes, "es" if processes > 1 else "",
              t.train_batch_size * t.gradient_accumulation_steps * processes, device.type, t.mixed_precision,
              t.base_model_precision, s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
-    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs))
+    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs), processes)
     return geo
 
 
-def report_memory(s: Settings, device: torch.device, size, adapter_params: int, resolution: int) -> None:
+def report_memory(s: Settings, device: torch.device, size, adapter_params: int, resolution: int,
+                  processes: int = 1) -> None:
+    """The predicted peak accelerator memory and host RAM, with a warning where they exceed what this machine has."""
     m = s.memory
-    est = model.memory_estimate(s, size, adapter_params, resolution)
-    offload = (f"group offload {m.group_offload_type}" + (", stream" if m.group_offload_use_stream else "")
+    est = model.memory_estimate(s, size, adapter_params, resolution, device)
+    offload = (f"group offload {m.group_offload_type}" + (", stream" if model.use_stream(s, device) else "")
                if m.enable_group_offload else "model CPU offload" if m.enable_model_cpu_offload else "no offload")
     log.info("memory: %s at %d px, batch %d, %s", est.describe(), resolution, s.training.train_batch_size, offload)
     if device.type == "cuda":
@@ -156,6 +158,14 @@ def report_memory(s: Settings, device: torch.device, size, adapter_params: int, 
             log.warning("memory: the estimate exceeds this GPU's %.1f GiB; expect out-of-memory. Lower it with "
                         "BASE_MODEL_PRECISION=int8-quanto, ENABLE_GROUP_OFFLOAD=true, GRADIENT_CHECKPOINTING=true or "
                         "a smaller RESOLUTION / TRAIN_BATCH_SIZE", total / 2**30)
+    host = model.host_memory_estimate(s, size, device)
+    log.info("memory: %s%s", host.describe(), f" per process, {processes} processes" if processes > 1 else "")
+    ram = memory.machine_ram_bytes()
+    if ram and host.total * processes > ram:
+        log.warning("memory: the host RAM estimate (%.1f GiB) exceeds this machine's %.1f GiB; expect the job to be "
+                    "killed while loading or training. Use a machine with more RAM, fewer processes, or "
+                    "GROUP_OFFLOAD_TO_DISK_PATH (offloaded weights on a local disk instead of RAM)",
+                    host.total * processes / 2**30, ram / 2**30)
 
 
 def train(s: Settings, ctx: Context, geo: model.Geometry, status: StatusFile, notify) -> Callable[[], None]:
@@ -357,9 +367,11 @@ def cache_latents(model_dir: Path, samples, cache_dirs: list[Path], batch_size: 
     for folder in dict.fromkeys(cache_dirs):
         idx = [i for i, d in enumerate(cache_dirs) if d == folder]
         cache = TensorCache(folder, identity)
-        keys = data.cache_latents([samples[i] for i in idx], cache, lambda px: model.encode_latents(vae, px),
+        keys = data.cache_latents([samples[i] for i in idx], cache, functools.partial(model.encode_latents, vae),
                                   batch_size, mine=ctx.share)
         latents_of.update({idx[j]: (cache, key) for j, key in keys.items()})
+    del vae
+    model.release(device)
     if ctx.world > 1:
         ctx.barrier()  # every share is encoded; what is still missing could not be decoded by its rank
         latents_of = {i: (cache, key) for i, (cache, key) in latents_of.items() if cache.has(key)}
@@ -376,10 +388,16 @@ def cache_text(model_dir: Path, samples, extra: list[str], folder: Path, device:
     text_pipe = model.load_text_encoder(model_dir, device)
     cache = TensorCache(folder, f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
     captions = [c for smp in samples for c in smp.captions] + [""] + extra
-    keys = data.cache_text(captions, cache, lambda cs: model.encode_prompts(text_pipe, cs, device).cpu(),
+    keys = data.cache_text(captions, cache, functools.partial(encode_text, text_pipe, device),
                            mine=ctx.share)
+    del text_pipe
+    model.release(device)
     ctx.barrier()  # every rank's share is written
     return cache, keys
+
+
+def encode_text(text_pipe, device: torch.device, captions: list[str]) -> torch.Tensor:
+    return model.encode_prompts(text_pipe, captions, device).cpu()
 
 
 def readable(path: Path | None) -> Path | None:

@@ -356,6 +356,7 @@ def test_check_prints_a_memory_estimate(tiny_model, baseline):
                 enable_group_offload="true", base_model_precision="int8-quanto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "peak accelerator memory" in r.stderr and "group offload block_level" in r.stderr
+    assert "peak host RAM" in r.stderr
 
 
 def test_the_estimate_for_real_size_auraflow_orders_the_settings_and_fits_the_seed_on_24gb():
@@ -383,6 +384,55 @@ def test_the_estimate_for_real_size_auraflow_orders_the_settings_and_fits_the_se
     assert int8 < bf16 < 24  # the seed's 24 GB card, batch 1 with checkpointing
     assert gib(precision="int8-quanto", group_offload=True, batch=4) > offload_int8 + 3  # activations scale
     assert gib(checkpointing=False) > bf16 + 20  # every block's activations at 1024 px
+
+
+def test_host_ram_estimate_for_real_size_auraflow():
+    """Loading holds the dense transformer in host RAM; while training, group offload keeps the quantised weights
+    there (rounded up to powers of two when pinned for the stream), disk offload almost nothing."""
+    from accelerate import init_empty_weights
+
+    from job.memory import GiB, host_estimate
+
+    with init_empty_weights():
+        shell = AuraFlowTransformer2DModel(**{**SMALL, **AURAFLOW})
+    size = model.model_size(shell, model.Geometry(2, 9216, 8, 4))
+    assert 1.2 < size.pinned_ratio < 1.6  # AuraFlow's 3072x3072 weights round up 1.78x, its 3072x8192 ones 1.33x
+
+    def host(**kw):
+        args = dict(precision="int8-quanto", mixed_precision="bf16", device="cuda", group_offload=True, stream=True,
+                    to_disk=False) | kw
+        return host_estimate(size, **args)
+
+    stream, plain, disk = host(), host(stream=False), host(to_disk=True)
+    assert 12.5 < stream.load / GiB < 13 and stream.load == plain.load == disk.load  # bf16, before quantising
+    assert 6.3 < plain.train / GiB < 6.8 and stream.train == pytest.approx(plain.train * size.pinned_ratio)
+    assert disk.train == 0 and host(group_offload=False).train == 0  # weights on the GPU
+    assert host(precision="no_change").total / GiB > 19  # bf16 with a stream: the README's 32 GB advice
+    assert host(device="cpu", group_offload=False).train == plain.train  # no GPU: every weight stays in RAM
+
+
+def test_the_machines_ram_is_its_container_limit_when_lower(tmp_path, monkeypatch, tiny_model, caplog):
+    from job import memory, pipeline
+    from job.config import build_settings
+
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (str(limit),))
+    limit.write_text("max\n")  # cgroup v2 without a limit
+    physical = memory.machine_ram_bytes()
+    assert physical and physical > 2**30
+    limit.write_text(f"{2**30}\n")
+    assert memory.machine_ram_bytes() == 2**30
+    s = build_settings([{"dataset_id": "x", "push_to_hub": "false", "resolution": "64",
+                         "validation_resolution": "64", "base_model_precision": "int8-quanto"}])
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        shell = AuraFlowTransformer2DModel(**{**SMALL, **AURAFLOW})
+    size = model.model_size(shell, model.Geometry(2, 9216, 8, 4))
+    with caplog.at_level("INFO", logger="job"):
+        pipeline.report_memory(s, torch.device("cpu"), size, 1000, 64)
+    text = caplog.text
+    assert "peak host RAM" in text and "exceeds this machine's 1.0 GiB" in text and "GROUP_OFFLOAD_TO_DISK_PATH" in text
 
 
 def test_the_gpu_benchmark_script_runs_its_cpu_smoke(tmp_path):
