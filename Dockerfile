@@ -6,7 +6,8 @@
 # The base is plain Debian 12 (Python 3.11), not nvidia/cuda: torch's wheels bring their own CUDA runtime,
 # cuBLAS, cuDNN, NCCL and Triton, the only CUDA torch loads, so an nvidia/cuda base would ship it twice.
 # CUDA_VERSION picks the wheel index for torch (PyPI for 13.0, PyTorch's index for 12.8) and, in the build
-# stage only, NVIDIA's nvcc + header wheels of the same CUDA release, which compile quanto's kernels.
+# stage only, nvcc and the CUDA headers of torch's CUDA release, which compile quanto's kernels: NVIDIA's
+# wheels for 13.0, NVIDIA's apt repository for 12.8 (CUDA 12's nvcc wheel holds only ptxas).
 # The final stage has the venv, the prebuilt kernels, gcc and the Python headers (Triton compiles its
 # C launcher at the first kernel launch; optimi and LyCORIS use Triton on CUDA), but no nvcc.
 # BASE_IMAGE (build stage) and RUNTIME_IMAGE (final stage) put the same file on another Debian/Ubuntu base:
