@@ -363,7 +363,9 @@ if [ "$VARIANT" = cuda ]; then
     pip_dl=(env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX
             PIP_CONFIG_FILE=/dev/null "${pip_dl[@]}" --index-url "$CUDA_INDEX" ${cert:+--cert "$cert"})
 fi
-key=$({ echo "$VARIANT $TORCH_REQ ${pip_dl[*]}"; cat "$req/deps.txt"; echo "${build_tools[*]}"
+index_key=""
+[ "$VARIANT" = cuda ] && index_key="$CUDA_INDEX"
+key=$({ echo "$TORCH_REQ"; [ -z "$index_key" ] || echo "$index_key"; cat "$req/deps.txt"; echo "${build_tools[*]}"
         "$PY" -c 'import platform, sys; print(sys.version_info[:2], platform.machine())'; } | sha256sum | cut -c1-16)
 wheels="$CACHE/$prefix-$key"
 if [ -f "$wheels/.complete" ]; then
@@ -380,6 +382,8 @@ else
         case $torch_whl in *+cpu*) fail "$CUDA_INDEX gave a CPU torch: $torch_whl" ;; esac
         read -ra toolkit <<<"$("$PY" "$ROOT/docker/image_build.py" cuda-toolkit-req "$torch_whl")"
         log "CUDA toolchain for the build stage: ${toolkit[*]}"
+        [ "${toolkit[0]}" = wheels ] || fail "torch's CUDA release has no nvcc wheel: ${toolkit[*]}"
+        toolkit=("${toolkit[@]:1}")
     fi
     waitfor "${pip_dl[@]}" -d "$wheels.tmp" "$TORCH_REQ" -r "$req/deps.txt" "${toolkit[@]}" \
         "${build_tools[@]}" >>"$LOGS/pip-download.log" 2>&1 \
