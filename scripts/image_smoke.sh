@@ -33,8 +33,9 @@
 # needs is not here (not root, no apt to install docker.io or debootstrap, a dockerd that cannot start
 # in this sandbox, no Debian mirror for debootstrap, too little free disk).
 #
-# Time on 2 cores. cpu (quiet; about twice that under load): 4 min cold, 3 min with the caches below;
-# the build takes 2.5 min, the checks 35 s, debootstrap 25 s and `pip download` 15 s when not cached.
+# Time on 2 cores. cpu: 3.5 min with overlay2 (build 2.5 min, checks 26 s, `pip download` 22 s), 4 min
+# with vfs on a quiet machine (checks 35 s: vfs copies the whole image for each container); debootstrap
+# adds 25-50 s when not cached.
 # cuda (measured while other tests shared the cores): 20 min with the caches, about 22 cold; the build
 # takes 19 min, 12 of them nvcc on quanto's CUDA kernels (about 3 GB of RAM per nvcc job), the checks
 # 75 s, `pip download` of the ~2.8 GB wheelhouse about 1 min.
