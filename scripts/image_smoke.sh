@@ -44,7 +44,7 @@
 #    cache/wheels-HASH and cache/cuda-wheels-HASH, the wheelhouses for that torch requirement,
 #    pyproject's pins and the host's Python: a second run skips debootstrap and `pip download`;
 #  - nothing of the daemon's data (with vfs ~35 GB at its peak for cpu, every layer and every
-#    container's file system in full; with overlay2 DISK_CUDA for cuda) unless SMOKE_KEEP=1, which
+#    container's file system in full; with overlay2 about 21 GB for cuda) unless SMOKE_KEEP=1, which
 #    keeps it and with it the build cache. It lives in an ext4 file system in a sparse file, mounted
 #    through a loop device where the kernel has one: removing it is removing one file, not a million
 #    (a minute on a host file system mounted with `discard`). Without a loop device it is a plain folder.
