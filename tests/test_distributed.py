@@ -301,22 +301,6 @@ def test_exit_code_is_the_first_failure(tmp_path):
     assert launch.exit_code(1, tmp_path, 2) == 143
 
 
-def _first_collective(rank: int, port: int, late_s: float, out: str) -> None:
-    """One rank of two: arrives `late_s` late (slow loading and quantising) at the first training collective."""
-    from datetime import timedelta
-
-    from job import distributed
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    distributed.STEP_TIMEOUT = timedelta(seconds=1)  # the per-step timeout, shortened
-    with distributed.started(distributed.Ranks(rank=rank, world=2), torch.device("cpu")) as ctx:
-        if rank == 1:
-            time.sleep(late_s)
-        p = torch.full((3,), float(rank + 1))
-        ctx.broadcast_params([p])
-        Path(out, f"rank{rank}").write_text(json.dumps(p.tolist()))
-
-
 def test_ranks_that_finish_loading_apart_meet_before_the_first_step_collective(tmp_path):
     """Loading and quantising the base can take ranks minutes apart, longer than the step collectives' timeout:
     the first of them waits on the long-timeout group. Here: a 1 s step timeout, one rank 4 s late."""
@@ -324,8 +308,10 @@ def test_ranks_that_finish_loading_apart_meet_before_the_first_step_collective(t
 
     import torch.multiprocessing as mp
 
+    from rank_workers import first_collective  # a light module: each spawned rank imports only it and torch
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_first_collective, args=(port, 4.0, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(first_collective, args=(port, 4.0, str(tmp_path)), nprocs=2, start_method="spawn")
     assert [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [[1.0] * 3, [1.0] * 3]

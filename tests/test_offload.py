@@ -435,23 +435,6 @@ def test_the_machines_ram_is_its_container_limit_when_lower(tmp_path, monkeypatc
     assert "peak host RAM" in text and "exceeds this machine's 1.0 GiB" in text and "GROUP_OFFLOAD_TO_DISK_PATH" in text
 
 
-def test_the_gpu_benchmark_script_runs_its_cpu_smoke(tmp_path):
-    """bench/gpu.py waits for a GPU session; its code path is kept working here on a tiny transformer."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    out = tmp_path / "gpu.json"
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--cpu-smoke", "--steps", "1", "--precisions",
-                        "int8-quanto", "--modes", "none,group", "--out", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["int8-quanto/none", "int8-quanto/group"]
-    assert rows[1]["grad_rel_diff"] == 0.0  # offload on the CPU: the very same gradients
-
-
 def test_no_tensor_piles_up_from_step_to_step():
     """With the seed's LoKr nothing before block 0 trains, so block 0 hooks a leaf of its own; its gradient hook
     must not keep the leaf (and its gradient) alive after the step."""
