@@ -36,9 +36,9 @@
 # Time on 2 cores. cpu: 3.5 min with overlay2 (build 2.5 min, checks 26 s, `pip download` 22 s), 4 min
 # with vfs on a quiet machine (checks 35 s: vfs copies the whole image for each container); debootstrap
 # adds 25-50 s when not cached.
-# cuda (measured while other tests shared the cores): 20 min with the caches, about 22 cold; the build
-# takes 19 min, 12 of them nvcc on quanto's CUDA kernels (about 3 GB of RAM per nvcc job), the checks
-# 75 s, `pip download` of the ~2.8 GB wheelhouse about 1 min.
+# cuda: 12.5 min on a fresh clone with the cores to itself (the build 11 min, 6.5 of them nvcc on
+# quanto's CUDA kernels at about 3 GB of RAM per nvcc job; the checks 41 s; `pip download` of the ~2.8 GB
+# wheelhouse 50 s), 20 min while another test suite shared the cores.
 # What is kept between runs, under SMOKE_DIR:
 #  - cache/rootfs-SUITE-ARCH-MIRRORHASH.tar, the debootstrap rootfs (made again after SMOKE_ROOTFS_DAYS),
 #    cache/wheels-HASH and cache/cuda-wheels-HASH, the wheelhouses for that torch requirement,
