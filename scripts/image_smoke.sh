@@ -1,45 +1,65 @@
 #!/usr/bin/env bash
 # Image smoke test (`make image-smoke`; `.ci/run` runs it after `make test`): build the real Dockerfile
-# on a plain Debian base with a CPU torch, then run the image the way RunPod, Vast.ai and `docker run`
-# users do.
+# on a plain Debian base, then run the image the way RunPod, Vast.ai and `docker run` users do.
 #
-#  1. a Docker engine: the running one, else Debian's docker.io started here (vfs storage, no iptables,
-#     no bridge), stopped again at the end, failure and timeout included
-#  2. a base image made with debootstrap from this machine's Debian mirror and `docker import`
-#  3. a wheelhouse (`pip download` on the host, CPU torch) served on 127.0.0.1 for the build's pip
-#     (HTTPS from inside the build isn't trusted here, and the image's pip must not reach out anyway)
-#  4. `docker build --build-arg BASE_IMAGE=... --build-arg RUNTIME_IMAGE=...` of the Dockerfile
-#  5. checks: no settings at all exits 2 within seconds, naming what is missing; no compiler on the
-#     final image's PATH; `demo` into a root-owned /workspace lands the adapter there, written by the
-#     job's uid; the same with `docker run --user`.
+#   scripts/image_smoke.sh          the CPU variant: a CPU torch (CUDA_VERSION=cpu)
+#   scripts/image_smoke.sh cuda     the CUDA 13.0 variant from PyPI's wheels, quanto's CUDA kernels built by
+#                                   nvcc for one GPU architecture (SMOKE_CUDA_ARCH, 9.0), checked without a GPU
+#   scripts/image_smoke.sh cleanup  only stop and remove what an aborted run left
+#
+#  1. a Docker engine: the running one, else Debian's docker.io started here (overlay2 storage where the
+#     kernel allows it, else vfs; no iptables, no bridge), stopped again at the end, failure and timeout
+#     included
+#  2. a base image made with debootstrap from this machine's Debian mirror and `docker import` (the
+#     stand-in for debian:bookworm-slim, which the Dockerfile uses by default)
+#  3. a wheelhouse (`pip download` on the host) served on 127.0.0.1 for the build's pip (HTTPS from
+#     inside the build isn't trusted here, and the image's pip must not reach out anyway): for cpu with
+#     this machine's pip settings (its torch==2.13.0 is a CPU build), for cuda from PyPI alone (torch
+#     2.13.0's default Linux wheel is the CUDA 13.0 build), with the nvcc and header wheels of torch's
+#     CUDA release for the build stage
+#  4. `docker build --build-arg BASE_IMAGE=... --build-arg RUNTIME_IMAGE=...` of the Dockerfile; for cuda
+#     with CUDA_VERSION=13.0.2, TORCH_CUDA_ARCH_LIST=9.0 and MAX_JOBS=2 (SMOKE_MAX_JOBS)
+#  5. checks: no settings at all exits 2 within seconds, naming what is missing; gcc (for Triton's
+#     launcher) and no other compiler on the final image's PATH, no /usr/local/cuda; `demo` into a
+#     root-owned /workspace lands the adapter there, written by the job's uid 1000; the same with
+#     `docker run --user`. For cuda also, as uid 1000 in the image: torch.version.cuda is 13.0,
+#     bitsandbytes' CUDA 13 library is there, quanto's CUDA library holds sm_90 code and loads without
+#     compiling (its build folder unchanged), no nvcc, Triton builds its C launcher with gcc and loads it
+#     (against a stub libcuda), `entrypoint.py --help` runs, NVIDIA_VISIBLE_DEVICES and
+#     NVIDIA_DRIVER_CAPABILITIES are set.
 # Builds and runs use --network host. Needs root (apt-get, dockerd, debootstrap, mount).
 #
 # Exit status: 0 passed; 1 the build or a check failed; 77 skipped, with the reason, because what it
 # needs is not here (not root, no apt to install docker.io or debootstrap, a dockerd that cannot start
 # in this sandbox, no Debian mirror for debootstrap, too little free disk).
 #
-# Time on 2 cores (quiet; about twice that under load): 4 min cold, 3 min with the caches below. The
-# build takes 2.5 min, the checks 35 s (with vfs, making a container's file system copies the whole
-# 1.8 GB image twice), debootstrap 25 s and `pip download` 15 s when not cached.
+# Time on 2 cores. cpu: 3.5 min with overlay2 (build 2.5 min, checks 26 s, `pip download` 22 s), 4 min
+# with vfs on a quiet machine (checks 35 s: vfs copies the whole image for each container); debootstrap
+# adds 25-50 s when not cached.
+# cuda: 12.5 min on a fresh clone with the cores to itself (the build 11 min, 6.5 of them nvcc on
+# quanto's CUDA kernels at about 3 GB of RAM per nvcc job; the checks 41 s; `pip download` of the ~2.8 GB
+# wheelhouse 50 s), 20 min while another test suite shared the cores.
 # What is kept between runs, under SMOKE_DIR:
 #  - cache/rootfs-SUITE-ARCH-MIRRORHASH.tar, the debootstrap rootfs (made again after SMOKE_ROOTFS_DAYS),
-#    and cache/wheels-HASH, the wheelhouse for that torch requirement, pyproject's pins and the host's
-#    Python: a second run skips debootstrap and `pip download`;
-#  - nothing of the daemon's data (~35 GB at its peak: vfs stores every layer and every container's
-#    file system in full) unless SMOKE_KEEP=1, which keeps it and with it the build cache. It lives
-#    in an ext4 file system in a sparse file, mounted through a loop device where the kernel has one:
-#    removing it is removing one file, not a million (a minute on a host file system mounted with
-#    `discard`). Without a loop device it is a plain folder.
+#    cache/wheels-HASH and cache/cuda-wheels-HASH, the wheelhouses for that torch requirement,
+#    pyproject's pins and the host's Python: a second run skips debootstrap and `pip download`;
+#  - nothing of the daemon's data (with vfs ~35 GB at its peak for cpu, every layer and every
+#    container's file system in full; with overlay2 about 21 GB for cuda) unless SMOKE_KEEP=1, which
+#    keeps it and with it the build cache. It lives in an ext4 file system in a sparse file, mounted
+#    through a loop device where the kernel has one: removing it is removing one file, not a million
+#    (a minute on a host file system mounted with `discard`). Without a loop device it is a plain folder.
 # Every run first stops what an aborted run left behind (its dockerd, containerd, shims and their
 # containers, its wheel server), unmounts its mounts and removes its state;
 # `scripts/image_smoke.sh cleanup` does only that.
 #
 # Settings (environment): SMOKE_DIR (default /var/tmp/auraflow-image-smoke), SMOKE_MIRROR (Debian
 # mirror; default: this machine's apt source), SMOKE_SUITE (default: this machine's codename),
-# SMOKE_TORCH (default torch==2.13.0, the CPU wheel here), SMOKE_STEPS (default 4), SMOKE_KEEP=1,
+# SMOKE_TORCH (default torch==the Dockerfile's TORCH_VERSION), SMOKE_STEPS (default 4), SMOKE_KEEP=1,
 # SMOKE_ROOTFS_DAYS (default 30), SMOKE_MIN_FREE_GB (free disk needed unless the daemon's data is
 # kept; default 40), SMOKE_DISK_GB (size of the sparse file; default 60), SMOKE_PORT (the wheel
-# server's, default 38765 when free).
+# server's, default 38765 when free), SMOKE_STORAGE (storage drivers to try; default "overlay2 vfs").
+# cuda only: SMOKE_CUDA_VERSION (default 13.0.2), SMOKE_CUDA_ARCH (TORCH_CUDA_ARCH_LIST; default 9.0),
+# SMOKE_CUDA_INDEX (default https://pypi.org/simple), SMOKE_MAX_JOBS (default 2).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -54,10 +74,22 @@ EXEC="$RUN/exec"
 SOCK="$RUN/docker.sock"
 SUITE="${SMOKE_SUITE:-$(sed -n "s/^VERSION_CODENAME=//p" /etc/os-release 2>/dev/null || true)}"
 SUITE="${SUITE:-bookworm}"
-TORCH_REQ="${SMOKE_TORCH:-torch==2.13.0}"
+# The torch the Dockerfile pins (ARG TORCH_VERSION): the CPU build here, PyPI's CUDA 13.0 build for `cuda`.
+TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' "$ROOT/Dockerfile")
+TORCH_REQ="${SMOKE_TORCH:-torch==$TORCH_VERSION}"
 STEPS="${SMOKE_STEPS:-4}"
 BASE_TAG="auraflow-smoke-base:${SUITE}"
-IMAGE="auraflow-lokr-job:smoke"
+VARIANT="${1:-cpu}"
+case $VARIANT in
+    cpu) IMAGE="auraflow-lokr-job:smoke" ;;
+    cuda) IMAGE="auraflow-lokr-job:smoke-cuda" ;;
+    cleanup) ;;
+    *) echo "usage: $0 [cpu|cuda|cleanup]" >&2; exit 2 ;;
+esac
+CUDA_VERSION="${SMOKE_CUDA_VERSION:-13.0.2}"
+CUDA_ARCH="${SMOKE_CUDA_ARCH:-9.0}"
+CUDA_INDEX="${SMOKE_CUDA_INDEX:-https://pypi.org/simple}"
+MAX_JOBS="${SMOKE_MAX_JOBS:-2}"
 JOB_UID=1000
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
@@ -254,19 +286,32 @@ else
             log "no loop device here ($(head -1 "$LOGS/mount.log" 2>/dev/null)): docker data in the folder $DATA"
         fi
     fi
-    log "starting dockerd (vfs, no iptables, no bridge) on $SOCK"
-    dockerd --storage-driver vfs --iptables=false --ip6tables=false --bridge=none \
-        --data-root "$DATA" --exec-root "$EXEC" \
-        --pidfile "$RUN/docker.pid" -H "unix://$SOCK" >"$LOGS/dockerd.log" 2>&1 3>&- 4>&- 9>&- &
-    STARTED_DOCKERD=$!
     export DOCKER_HOST="unix://$SOCK"
-    for _ in $(seq 120); do
-        "$DOCKER" info >/dev/null 2>&1 && break
-        kill -0 "$STARTED_DOCKERD" 2>/dev/null || break
-        sleep 0.5
+    # overlay2 where this kernel and file system allow it (layers and containers cost only what they add;
+    # the CUDA image is ~10 GB), else vfs (every layer and container a full copy).
+    : >"$LOGS/dockerd.log"
+    for driver in ${SMOKE_STORAGE:-overlay2 vfs}; do
+        log "starting dockerd ($driver storage, no iptables, no bridge) on $SOCK"
+        dockerd --storage-driver "$driver" --iptables=false --ip6tables=false --bridge=none \
+            --data-root "$DATA" --exec-root "$EXEC" \
+            --pidfile "$RUN/docker.pid" -H "unix://$SOCK" >>"$LOGS/dockerd.log" 2>&1 3>&- 4>&- 9>&- &
+        STARTED_DOCKERD=$!
+        for _ in $(seq 120); do
+            "$DOCKER" info >/dev/null 2>&1 && break
+            kill -0 "$STARTED_DOCKERD" 2>/dev/null || break
+            sleep 0.5
+        done
+        if [ "$("$DOCKER" info -f '{{.Driver}}' 2>/dev/null)" = "$driver" ]; then
+            break
+        fi
+        grep -E 'level=(error|fatal)|failed' "$LOGS/dockerd.log" | tail -3 >&2
+        log "dockerd does not run with $driver here"
+        stop_pids 20 "$STARTED_DOCKERD"
+        STARTED_DOCKERD=""
+        rm -rf "${DATA:?}"/* "$EXEC" "$RUN/docker.pid" "$SOCK"
+        mkdir -p "$EXEC"
     done
-    if ! "$DOCKER" info >/dev/null 2>&1; then
-        grep -E 'level=(error|fatal)|failed' "$LOGS/dockerd.log" | tail -8 >&2
+    if [ -z "$STARTED_DOCKERD" ] || ! "$DOCKER" info >/dev/null 2>&1; then
         skip "dockerd does not start in this sandbox (log: $LOGS/dockerd.log)"
     fi
 fi
@@ -308,24 +353,49 @@ phase wheels
 req="$RUN/req"
 "$PY" "$ROOT/docker/image_build.py" requirements "$ROOT/pyproject.toml" "$req" >/dev/null
 build_tools=(ninja==1.13.2 'setuptools>=68' wheel)
-key=$({ echo "$TORCH_REQ"; cat "$req/deps.txt"; echo "${build_tools[*]}"
+# cpu: this machine's pip as configured (its torch==2.13.0 is the local CPU build). cuda: PyPI alone
+# (CUDA_INDEX), without this machine's pip configuration (its local CPU torch would win), plus nvcc and
+# the CUDA headers that torch's CUDA release needs for quanto's kernels (~3 GB in all).
+prefix=wheels
+pip_dl=("$PY" -m pip download -q --disable-pip-version-check)
+if [ "$VARIANT" = cuda ]; then
+    prefix=cuda-wheels
+    cert=$("$PY" -m pip config get global.cert 2>/dev/null || true)
+    pip_dl=(env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX
+            PIP_CONFIG_FILE=/dev/null "${pip_dl[@]}" --index-url "$CUDA_INDEX" ${cert:+--cert "$cert"})
+fi
+index_key=""
+[ "$VARIANT" = cuda ] && index_key="$CUDA_INDEX"
+key=$({ echo "$TORCH_REQ"; [ -z "$index_key" ] || echo "$index_key"; cat "$req/deps.txt"; echo "${build_tools[*]}"
         "$PY" -c 'import platform, sys; print(sys.version_info[:2], platform.machine())'; } | sha256sum | cut -c1-16)
-wheels="$CACHE/wheels-$key"
+wheels="$CACHE/$prefix-$key"
 if [ -f "$wheels/.complete" ]; then
     log "wheelhouse from the cache: $wheels"
 else
     log "pip download into $wheels ($TORCH_REQ, pyproject's pins, build tools)"
     rm -rf "$wheels.tmp"
     mkdir -p "$wheels.tmp"
-    waitfor "$PY" -m pip download -q --disable-pip-version-check -d "$wheels.tmp" "$TORCH_REQ" -r "$req/deps.txt" \
-        "${build_tools[@]}" >"$LOGS/pip-download.log" 2>&1 \
+    toolkit=()
+    if [ "$VARIANT" = cuda ]; then
+        waitfor "${pip_dl[@]}" --no-deps -d "$wheels.tmp" "$TORCH_REQ" >"$LOGS/pip-download.log" 2>&1 \
+            || { tail -15 "$LOGS/pip-download.log"; fail "pip download $TORCH_REQ from $CUDA_INDEX failed"; }
+        torch_whl=$(ls "$wheels.tmp"/torch-*.whl)
+        case $torch_whl in *+cpu*) fail "$CUDA_INDEX gave a CPU torch: $torch_whl" ;; esac
+        read -ra toolkit <<<"$("$PY" "$ROOT/docker/image_build.py" cuda-toolkit-req "$torch_whl")"
+        log "CUDA toolchain for the build stage: ${toolkit[*]}"
+        [ "${toolkit[0]}" = wheels ] || fail "torch's CUDA release has no nvcc wheel: ${toolkit[*]}"
+        toolkit=("${toolkit[@]:1}")
+    fi
+    waitfor "${pip_dl[@]}" -d "$wheels.tmp" "$TORCH_REQ" -r "$req/deps.txt" "${toolkit[@]}" \
+        "${build_tools[@]}" >>"$LOGS/pip-download.log" 2>&1 \
         || { grep -v "is ignored: it is neither" "$LOGS/pip-download.log" | tail -15; fail "pip download failed"; }
     ls "$wheels.tmp"/torch-* >/dev/null 2>&1 || fail "pip download brought no torch wheel"
     touch "$wheels.tmp/.complete"
     rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
-    # Only the current wheelhouse is kept (each is ~350 MB).
-    find "$CACHE" -maxdepth 1 -name 'wheels-*' ! -name "wheels-$key" -exec rm -rf {} +
+    # Only the current wheelhouse of this variant is kept (CPU ~350 MB, CUDA ~3 GB).
+    find "$CACHE" -maxdepth 1 -name "$prefix-*" ! -name "$prefix-$key" -exec rm -rf {} +
 fi
+log "wheelhouse: $(du -sh "$wheels" | cut -f1)"
 # A fixed port when it is free: the port is part of a build argument, so of the build cache (SMOKE_KEEP=1).
 port="${SMOKE_PORT:-38765}"
 "$PY" -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null ||
@@ -342,7 +412,15 @@ phase build
 log "docker build $IMAGE on $BASE_TAG (log: $LOGS/build.log)"
 progress=()
 [ "$DOCKER_BUILDKIT" = 1 ] && progress=(--progress plain)
-if ! waitfor docker build "${progress[@]}" --network host -t "$IMAGE" \
+variant_args=(--build-arg CUDA_VERSION=cpu)
+if [ "$VARIANT" = cuda ]; then
+    # One GPU architecture (the full list multiplies the kernel build); MAX_JOBS nvcc jobs (2 cores here,
+    # and Marlin's kernels take several GB of RAM per job).
+    variant_args=(--build-arg CUDA_VERSION="$CUDA_VERSION" --build-arg TORCH_CUDA_ARCH_LIST="$CUDA_ARCH"
+                  --build-arg MAX_JOBS="$MAX_JOBS")
+fi
+log "build arguments: ${variant_args[*]}"
+if ! waitfor docker build "${progress[@]}" --network host -t "$IMAGE" "${variant_args[@]}" \
         --build-arg BASE_IMAGE="$BASE_TAG" --build-arg RUNTIME_IMAGE="$BASE_TAG" \
         --build-arg PIP_EXTRA_ARGS="--no-index --find-links http://127.0.0.1:$port/" \
         "$ROOT" >"$LOGS/build.log" 2>&1; then
@@ -391,7 +469,9 @@ log "exit 2 after $took_ms ms (container start included)"
 # Read from that container's file system (the image's) with `docker cp` rather than a fourth container:
 # every folder on the image's PATH ("DIR/." follows a link such as /bin -> usr/bin), and any name there
 # that is a C/C++/CUDA compiler driver, versioned or with a target prefix (gcc-12, x86_64-linux-gnu-g++).
-log "check: no compiler on the image's PATH"
+# The final image carries gcc (Triton compiles its launcher with it at the first kernel launch), and
+# nothing else: no C++ compiler, no nvcc (quanto's kernels are prebuilt in the build stage).
+log "check: gcc and no other compiler on the image's PATH"
 img_path=$(docker image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE" | sed -n 's/^PATH=//p')
 [ -n "$img_path" ] || fail "the image sets no PATH"
 IFS=: read -ra path_dirs <<<"$img_path"
@@ -408,9 +488,34 @@ for d in "${path_dirs[@]}"; do
 done
 rm -f "$RUN/path-dir.tar"
 [ "$listed" -gt 0 ] || fail "none of the image's PATH folders could be read ($img_path)"
-[ -z "$compilers" ] || fail "a compiler is in the final image:$compilers"
+c_drivers=$(tr ' ' '\n' <<<"$compilers" | grep -E '/((.*-)?gcc(-[0-9.]+)?|cc)$' || true)
+others=$(tr ' ' '\n' <<<"$compilers" | grep -vE '/((.*-)?gcc(-[0-9.]+)?|cc)$' | grep . || true)
+[ -n "$c_drivers" ] || fail "no gcc in the final image: Triton cannot build its launcher"
+[ -z "$others" ] || fail "a compiler other than gcc is in the final image: $(tr '\n' ' ' <<<"$others")"
+docker cp "$NS:/usr/local/cuda" - >/dev/null 2>&1 && fail "the final image has /usr/local/cuda (the build stage's toolkit)"
 docker rm "$NS" >/dev/null
-log "none in the $listed folders of $img_path"
+log "gcc only ($(awk -F/ '{ print $NF }' <<<"$c_drivers" | sort -u | tr '\n' ' ')) in the $listed folders of $img_path"
+
+if [ "$VARIANT" = cuda ]; then
+    env_lines=$(docker image inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE")
+    for kv in NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility; do
+        grep -qx "$kv" <<<"$env_lines" || fail "the image does not set $kv (the NVIDIA runtime would mount no driver)"
+    done
+    cuda_mm=$(cut -d. -f1,2 <<<"$CUDA_VERSION")
+    log "check (as uid $JOB_UID): torch for CUDA $cuda_mm, bitsandbytes' CUDA library, quanto's kernels for sm_$CUDA_ARCH"
+    log "  that load without compiling, no nvcc, Triton's C launcher builds and loads; --help (log: $LOGS/cuda-checks.log)"
+    # shellcheck disable=SC2016
+    if ! waitfor docker run --rm --network host --user "$JOB_UID:$JOB_UID" --entrypoint /bin/sh "$IMAGE" -euc '
+            python /app/image_build.py check-cuda "$1" "$2"
+            python /app/image_build.py check-extensions
+            python /app/image_build.py check-triton
+            python /app/entrypoint.py --help >/dev/null && echo "entrypoint.py --help: ok"' \
+            sh "$cuda_mm" "$CUDA_ARCH" >"$LOGS/cuda-checks.log" 2>&1; then
+        tail -30 "$LOGS/cuda-checks.log"
+        fail "the CUDA image's checks failed"
+    fi
+    while IFS= read -r line; do log "  $line"; done < <(grep -vE '^\s*$|Warning|warn\(' "$LOGS/cuda-checks.log" | tail -12)
+fi
 
 log "check: demo ($STEPS steps) into a root-owned /workspace, started as root (log: $LOGS/demo-root.log)"
 waitfor docker start -a "$DR" >"$LOGS/demo-root.log" 2>&1 \

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -132,13 +133,27 @@ def test_templates_use_the_images_entrypoint_and_volume():
     assert v["readme"].strip()
 
 
+def test_multi_gpu_runs_get_enough_shared_memory():
+    """NCCL needs more /dev/shm than Docker's default 64 MB: every `docker run --gpus` in the README gives the
+    container more (or the host's), and both templates tell the user what the platform gives."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    runs = re.findall(r"^docker run --gpus .*$", readme, re.M)
+    assert runs, "the README shows how to run the image on GPUs"
+    for run in runs:
+        assert re.search(r"--shm-size=\d+g\b|--ipc=host\b", run), run
+    assert "/dev/shm" in readme
+    for text in (runpod()["readme"], vast()["readme"]):
+        assert "/dev/shm" in text and "NCCL" in text
+
+
 def dockerfile() -> str:
     return (ROOT / "Dockerfile").read_text(encoding="utf-8")
 
 
 def test_dockerfile_builds_on_any_base_and_runs_the_job_as_non_root():
     text = dockerfile()
-    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\$\{CUDA_VERSION\}-cudnn-devel-ubuntu24\.04$", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=debian:bookworm-slim$", text, re.M)
+    assert re.search(r"^ARG RUNTIME_IMAGE=\$\{BASE_IMAGE\}$", text, re.M)
     assert re.search(r"^ARG CUDA_VERSION=12\.8\.\d+$", text, re.M)
     assert re.search(r"^FROM \$\{BASE_IMAGE\} AS build$", text, re.M)
     assert re.search(r"^useradd|&& useradd --uid 1000", text, re.M), "a non-root user for the job"
@@ -148,6 +163,123 @@ def test_dockerfile_builds_on_any_base_and_runs_the_job_as_non_root():
     script = (ROOT / "docker" / "entrypoint.sh").read_text(encoding="utf-8")
     assert "JOB_USER=trainer" in script and "useradd --uid 1000 --gid 1000 --create-home --shell /bin/sh trainer" in text
     assert re.search(r"exec setpriv --reuid=\S+ --regid=\S+ --init-groups python ", script)
+
+
+def stages() -> tuple[str, str]:
+    build, runtime = dockerfile().split("\nFROM ${RUNTIME_IMAGE}")
+    return build, runtime
+
+
+def test_one_cuda_stack_from_torchs_wheels_on_a_base_with_a_tested_python():
+    """No nvidia/cuda base (its CUDA and cuDNN would sit beside the copies torch's wheels bring and load);
+    the base's Python (Debian 12 ships 3.11) is one pyproject allows and the README promises."""
+    text = dockerfile()
+    assert "nvidia/cuda" not in "\n".join(ln for ln in text.splitlines() if not ln.startswith("#"))
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'requires-python = ">=3.10,<3.13"' in pyproject
+    assert "Python 3.10–3.12" in (ROOT / "README.md").read_text(encoding="utf-8")
+    base_python = {"debian:bookworm-slim": (3, 11)}
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    assert (3, 10) <= base_python[base] <= (3, 12)
+
+
+def test_torch_is_pinned_to_the_tested_version_everywhere():
+    """The image installs the torch the tests run with, not the newest one pyproject's range allows."""
+    pinned = re.search(r"^ARG TORCH_VERSION=(\d+\.\d+\.\d+)$", dockerfile(), re.M).group(1)
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.findall(r"pip install .*torch==(\S+)", makefile) == [pinned], "make venv installs the same torch"
+    build, _ = stages()
+    assert 'requirements /src/pyproject.toml /tmp/req "$TORCH_VERSION"' in build
+    assert "check-torch \"$CUDA_VERSION\"" in build, "the build fails if the index handed over another CUDA build"
+    import torch
+
+    assert torch.__version__.split("+")[0] == pinned, "the tests run with the torch the image pins"
+
+
+def run_image_build(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "docker" / "image_build.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_image_build_pins_torch_within_pyprojects_range(tmp_path):
+    run = run_image_build("requirements", str(ROOT / "pyproject.toml"), str(tmp_path), "2.13.0")
+    assert run.returncode == 0, run.stderr
+    req = (tmp_path / "torch.txt").read_text(encoding="utf-8").strip()
+    assert req.startswith("torch==2.13.0,") and ">=" in req, req
+    deps = (tmp_path / "deps.txt").read_text(encoding="utf-8")
+    assert "torch-optimi==" in deps and not re.search(r"^torch[<>=]", deps, re.M)
+    assert run_image_build("requirements", str(ROOT / "pyproject.toml"), str(tmp_path), "2.13").returncode != 0
+
+
+@pytest.mark.parametrize("cuda, index", [("13.0.2", "https://pypi.org/simple"),
+                                         ("12.8.1", "https://download.pytorch.org/whl/cu128"),
+                                         ("cpu", "https://download.pytorch.org/whl/cpu")])
+def test_torch_index_per_cuda_version(cuda, index):
+    """PyPI's default Linux wheel of torch 2.13.0 is the CUDA 13.0 build; CUDA 12.8 is on PyTorch's index."""
+    run = run_image_build("torch-index", cuda)
+    assert run.returncode == 0 and run.stdout.strip() == index, run.stdout + run.stderr
+
+
+def torch_wheel(tmp_path: Path, requires: list[str]) -> Path:
+    """A wheel file with torch's METADATA (what `cuda-toolkit-req` reads from the real one)."""
+    whl = tmp_path / "torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+    meta = "Metadata-Version: 2.4\nName: torch\nVersion: 2.13.0\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("torch-2.13.0.dist-info/METADATA", meta)
+    return whl
+
+
+def test_cuda_toolkit_wheels_match_torchs_cuda_release(tmp_path):
+    # torch 2.13.0 on PyPI (CUDA 13.0), its Requires-Dist lines as published
+    cu13 = torch_wheel(tmp_path, [
+        'cuda-toolkit[cublas,cudart,cufft,cufile,cupti,curand,cusolver,cusparse,nvjitlink,nvrtc,nvtx]==13.0.3; '
+        'platform_system == "Linux"', 'nvidia-cudnn-cu13==9.20.0.48; platform_system == "Linux"'])
+    run = run_image_build("cuda-toolkit-req", str(cu13))
+    assert run.returncode == 0 and run.stdout.split() == ["wheels", "cuda-toolkit[nvcc,cccl,crt,nvvm,cudart]==13.0.3"]
+    # a CUDA 12 torch pins its runtime wheel instead, and CUDA 12's nvcc wheel holds ptxas alone: NVIDIA's apt
+    (tmp_path / "cu12").mkdir()
+    cu12 = torch_wheel(tmp_path / "cu12", [
+        'nvidia-cuda-runtime-cu12==12.8.90; platform_system == "Linux" and platform_machine == "x86_64"'])
+    run = run_image_build("cuda-toolkit-req", str(cu12))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["apt", "cuda-nvcc-12-8", "cuda-cudart-dev-12-8", "cuda-cccl-12-8"]
+    # also when a CUDA 12 torch pins the cuda-toolkit metapackage, as the CUDA 13 one does
+    (tmp_path / "cu12b").mkdir()
+    cu12b = torch_wheel(tmp_path / "cu12b", ['cuda-toolkit[cublas,cudart]==12.8.1; platform_system == "Linux"'])
+    run = run_image_build("cuda-toolkit-req", str(cu12b))
+    assert run.returncode == 0 and run.stdout.split()[:2] == ["apt", "cuda-nvcc-12-8"], run.stdout + run.stderr
+    (tmp_path / "cpu").mkdir()
+    assert run_image_build("cuda-toolkit-req", str(torch_wheel(tmp_path / "cpu", ["filelock"]))).returncode != 0
+
+
+def test_nvcc_stays_in_the_build_stage():
+    """nvcc and the CUDA headers are installed beside the venv (--target), linked into CUDA_HOME there, and
+    only the venv reaches the final stage."""
+    build, runtime = stages()
+    assert "sh /opt/cuda_toolchain.sh" in build
+    script = (ROOT / "docker" / "cuda_toolchain.sh").read_text(encoding="utf-8")
+    assert "pip install --target /opt/cuda-toolkit " in script
+    assert 'cuda-home "$CUDA_HOME" "$tree" "$site"' in script
+    assert re.findall(r"^COPY --from=build (\S+)", runtime, re.M) == ["/opt/venv"]
+    assert "cuda-toolkit" not in runtime and "nvcc" not in runtime.replace("no nvcc", "")
+
+
+def test_final_stage_can_build_tritons_launcher_and_checks_it():
+    """Triton compiles a C launcher with gcc (or clang) and Python.h at the first kernel launch (optimi and
+    LyCORIS use it on CUDA): the final stage installs them, and the build runs Triton's own build once."""
+    _, runtime = stages()
+    install = re.search(r"apt-get .*install -y --no-install-recommends ([^&]+)&&", runtime, re.S).group(1)
+    packages = set(install.replace("\\", " ").split())
+    assert {"gcc", "libc6-dev", "python3-dev", "python3", "tini", "util-linux"} <= packages, packages
+    assert not packages & {"g++", "build-essential", "clang"}, "a C compiler is enough for Triton"
+    assert "python /app/image_build.py check-triton" in runtime
+    assert "python /app/image_build.py check-extensions" in runtime
+
+
+def test_final_stage_tells_the_nvidia_runtime_to_mount_the_driver():
+    _, runtime = stages()
+    assert re.search(r"\bNVIDIA_VISIBLE_DEVICES=all\b", runtime)
+    assert re.search(r"\bNVIDIA_DRIVER_CAPABILITIES=compute,utility\b", runtime)
 
 
 def test_runtime_stage_recreates_the_kernel_build_environment():
@@ -174,7 +306,7 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
     assert not allowed & {"output", ".venv", "tests", "bench", ".git", "build"}
 
 
-@pytest.mark.parametrize("path", ["Dockerfile", "docker/entrypoint.sh", "docker/image_build.py",
+@pytest.mark.parametrize("path", ["Dockerfile", "docker/entrypoint.sh", "docker/image_build.py", "docker/cuda_toolchain.sh",
                                   "scripts/image_smoke.sh", ".ci/run", "runpod.json", "vast-template.yaml",
                                   ".dockerignore"])
 def test_lf_line_endings(path):
@@ -216,6 +348,18 @@ def test_ci_runs_the_image_smoke_after_the_tests_with_a_time_limit():
     assert "bash scripts/image_smoke.sh cleanup" in text, "a timed-out smoke's daemon is stopped"
 
 
+def test_ci_builds_the_cuda_image_after_the_cpu_smoke():
+    lines = ci_lines()
+    cpu = [i for i, ln in enumerate(lines) if ln.endswith("bash scripts/image_smoke.sh")]
+    cuda = [i for i, ln in enumerate(lines) if ln.endswith("bash scripts/image_smoke.sh cuda")]
+    assert cpu and cuda and cpu[0] < cuda[0], "the CUDA 13.0 image is built after the CPU smoke"
+    assert re.match(r"timeout (--kill-after=\S+ )?\d+m bash scripts/image_smoke\.sh cuda$", lines[cuda[0]])
+    script = (ROOT / "scripts" / "image_smoke.sh").read_text(encoding="utf-8")
+    assert 'CUDA_VERSION="${SMOKE_CUDA_VERSION:-13.0.2}"' in script and 'CUDA_ARCH="${SMOKE_CUDA_ARCH:-9.0}"' in script
+    for check in ("check-cuda", "check-extensions", "check-triton", "--help"):
+        assert check in script, check
+
+
 def test_image_smoke_script_parses():
     for script in ("scripts/image_smoke.sh", ".ci/run"):
         run = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
@@ -224,6 +368,7 @@ def test_image_smoke_script_parses():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 def test_image_smoke_script_is_shellcheck_clean():
-    run = subprocess.run(["shellcheck", "scripts/image_smoke.sh", ".ci/run", "docker/entrypoint.sh"], cwd=ROOT,
+    run = subprocess.run(["shellcheck", "scripts/image_smoke.sh", ".ci/run", "docker/entrypoint.sh",
+                          "docker/cuda_toolchain.sh"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
