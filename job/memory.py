@@ -113,8 +113,9 @@ def estimate(size: ModelSize, adapter_params: int, *, precision: str, mixed_prec
 
 # ---------------------------------------------------------------- host RAM
 
-# The process before any model: Python, torch, diffusers, transformers and their libraries (measured on CPU: ~0.9
-# GiB; CUDA's own libraries and context add about as much again on a GPU machine).
+# The process before any model: Python, torch, diffusers, transformers and their libraries. bench/host_ram.py measured
+# 0.4 GiB with its imports; the job imports more, so 1 GiB is a margin. CUDA's libraries and context add about 1 GiB
+# on a GPU machine (not yet measured here).
 PROCESS_BYTES = {"cpu": 1.0 * GiB, "cuda": 2.0 * GiB}
 
 

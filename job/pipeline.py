@@ -162,10 +162,13 @@ def report_memory(s: Settings, device: torch.device, size, adapter_params: int, 
     log.info("memory: %s%s", host.describe(), f" per process, {processes} processes" if processes > 1 else "")
     ram = memory.machine_ram_bytes()
     if ram and host.total * processes > ram:
+        # loading holds the dense transformer whatever the offload settings; only the training share can move to disk
+        remedy = ("GROUP_OFFLOAD_TO_DISK_PATH (offloaded weights on a local disk instead of RAM), " if host.train > host.load
+                  else "")
         log.warning("memory: the host RAM estimate (%.1f GiB) exceeds this machine's %.1f GiB; expect the job to be "
-                    "killed while loading or training. Use a machine with more RAM, fewer processes, or "
-                    "GROUP_OFFLOAD_TO_DISK_PATH (offloaded weights on a local disk instead of RAM)",
-                    host.total * processes / 2**30, ram / 2**30)
+                    "killed while %s. Use %sa machine with more RAM, or fewer processes",
+                    host.total * processes / 2**30, ram / 2**30,
+                    "training" if host.train > host.load else "loading the transformer", remedy)
 
 
 def train(s: Settings, ctx: Context, geo: model.Geometry, status: StatusFile, notify) -> Callable[[], None]:

@@ -432,7 +432,9 @@ def test_the_machines_ram_is_its_container_limit_when_lower(tmp_path, monkeypatc
     with caplog.at_level("INFO", logger="job"):
         pipeline.report_memory(s, torch.device("cpu"), size, 1000, 64)
     text = caplog.text
-    assert "peak host RAM" in text and "exceeds this machine's 1.0 GiB" in text and "GROUP_OFFLOAD_TO_DISK_PATH" in text
+    assert "peak host RAM" in text and "exceeds this machine's 1.0 GiB" in text
+    assert "killed while loading the transformer" in text  # the dense load is the peak: disk offload would not help
+    assert "GROUP_OFFLOAD_TO_DISK_PATH" not in text
 
 
 def test_no_tensor_piles_up_from_step_to_step():
