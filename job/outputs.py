@@ -23,8 +23,8 @@ def write_run_files(out: Path, lycoris_config: dict, training_config: dict) -> N
 
 
 def loss_series(metrics: Path) -> dict[str, list[tuple[int, float]]]:
-    """loss and eval_loss by step from metrics.jsonl, for the loss plot."""
-    series: dict[str, list[tuple[int, float]]] = {"loss": [], "eval_loss": []}
+    """loss, eval_loss and lr by step from metrics.jsonl, for the loss plot."""
+    series: dict[str, list[tuple[int, float]]] = {"loss": [], "eval_loss": [], "lr": []}
     for line in metrics.read_text().splitlines():
         row = json.loads(line)
         for k in series:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, cloud, data, disk, hub, memory, model, outputs, sample, webhook
+from job import builtin, card, checkpoint, cloud, data, disk, hub, memory, model, outputs, plots, sample, webhook
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
 from job.distributed import SINGLE, Context, Ranks, started
@@ -259,7 +259,8 @@ def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: 
     with trainer.final_weights():
         model.save_adapter(trainer.network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
         final_images = validator.render(trainer.step, final=True)
-    sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
+    plots.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png",
+                      title=o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
     resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})

@@ -1,5 +1,5 @@
-"""Validation rounds with diffusers' own AuraFlowPipeline around the live adapted transformer, the
-prompts × rounds grid, and the loss plot. Never touches optimizer state.
+"""Validation rounds with diffusers' own AuraFlowPipeline around the live adapted transformer, and the
+prompts × rounds grid of them (drawn by job.plots). Never touches optimizer state.
 
 Prompt embeddings come from the text cache, so the text encoder is not needed after caching.
 """
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from job import plots
 from job.config import Settings
 
 log = logging.getLogger("job")
@@ -107,7 +108,7 @@ class Validator:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         self.rendered = step
-        write_grid(self.out)
+        write_grid(self.out, {j.name: j.prompt for j in self.jobs}, self.v.validation_seed)
         log.info("validation: %d image(s) for step %d in %s", len(self.jobs), step, folder)
         return self._promote(folder) if final else sorted(folder.glob("*.png"))
 
@@ -150,59 +151,22 @@ def rounds(samples_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def write_grid(samples_dir: Path, cell: int = 256) -> Path | None:
-    """prompts (rows) × rounds (columns), each column headed by its step."""
+def grid_layout(samples_dir: Path, prompts: dict[str, str] | None = None
+                ) -> tuple[list[list[Path | None]], list[str], list[str]]:
+    """(cells, row labels, column labels) for the grid: one row per image name (labelled with its prompt when
+    known), one column per round (labelled with its step). A round without that image leaves a hole."""
     cols = rounds(samples_dir)
     names = sorted({f.stem for _, d in cols for f in d.glob("*.png")})
-    if not cols or not names:
+    prompts = prompts or {}
+    cells = [[d / f"{name}.png" if (d / f"{name}.png").is_file() else None for _, d in cols] for name in names]
+    labels = [f"{name}: {prompts[name]}" if name in prompts else name for name in names]
+    return cells, labels, [f"step {step}" + (" (base model)" if step == 0 else "") for step, _ in cols]
+
+
+def write_grid(samples_dir: Path, prompts: dict[str, str] | None = None, seed: int | None = None) -> Path | None:
+    """samples/grid.png: prompts (rows) × rounds (columns)."""
+    cells, labels, columns = grid_layout(samples_dir, prompts)
+    if not cells or not columns:
         return None
-    head, label = 20, 160
-    grid = Image.new("RGB", (label + cell * len(cols), head + cell * len(names)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, (step, _) in enumerate(cols):
-        draw.text((label + c * cell + 4, 4), f"step {step}", fill="black")
-    for r, name in enumerate(names):
-        draw.text((4, head + r * cell + cell // 2), name[:24], fill="black")
-        for c, (_, folder) in enumerate(cols):
-            f = folder / f"{name}.png"
-            if f.is_file():
-                with Image.open(f) as im:
-                    k = min(cell / im.width, cell / im.height)  # small samples are enlarged, pixel for pixel
-                    im = im.convert("RGB").resize((max(1, round(im.width * k)), max(1, round(im.height * k))),
-                                                  Image.NEAREST if k > 1 else Image.LANCZOS)
-                    grid.paste(im, (label + c * cell, head + r * cell))
-    path = samples_dir / "grid.png"
-    tmp = path.with_name(".grid.tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def plot_losses(series: dict[str, list[tuple[int, float]]], path: Path, size: tuple[int, int] = (800, 400)) -> None:
-    """A plain line plot of the loss curves (PIL only: no plotting library for one picture)."""
-    w, h = size
-    pad = 50
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    points = [p for s in series.values() for p in s]
-    if points:
-        x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-        y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
-
-        def xy(step, value):
-            return (pad + (step - x0) / (x1 - x0) * (w - 2 * pad), h - pad - (value - y0) / (y1 - y0) * (h - 2 * pad))
-
-        colours = ["#1f77b4", "#d62728", "#2ca02c"]
-        for i, (name, s) in enumerate(series.items()):
-            if len(s) > 1:
-                draw.line([xy(*p) for p in s], fill=colours[i % 3], width=2)
-            draw.text((w - pad - 120, 10 + 14 * i), name, fill=colours[i % 3])
-        draw.text((5, pad - 15), f"{y1:.4g}", fill="black")
-        draw.text((5, h - pad - 5), f"{y0:.4g}", fill="black")
-        draw.text((pad, h - pad + 10), f"step {x0}", fill="black")
-        draw.text((w - pad - 60, h - pad + 10), f"step {x1}", fill="black")
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    title = "validation samples" + (f", seed {seed} every round" if seed is not None else "")
+    return plots.image_grid(cells, labels, columns, samples_dir / "grid.png", title=title)

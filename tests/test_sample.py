@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from job import builtin
+from job import builtin, plots, sample
 from test_train import ALL_LINEAR, TINY
 
 LIBRARY = {"circle": "a red circle on a white background", "square": "a blue square"}
@@ -47,8 +47,15 @@ def test_rounds_at_step_zero_each_interval_and_the_end(run):
 
 
 def test_grid_is_prompts_by_rounds(run):
-    with Image.open(run / "samples" / "grid.png") as g:
-        assert g.size == (160 + 256 * 3, 20 + 256 * len(NAMES))
+    samples = run / "samples"
+    prompts = {f"{n}-{s}": p for n, p in (("validation", "a red circle"), *LIBRARY.items()) for s in ("64x64", "32x48")}
+    cells, labels, columns = sample.grid_layout(samples, prompts)
+    assert columns == ["step 0 (base model)", "step 3", "step 6"]
+    assert labels == [f"{name}: {prompts[name]}" for name in NAMES]
+    assert cells == [[samples / d / f"{name}.png" for d in ("step-000000", "step-000003", "step-000006")]
+                     for name in NAMES]
+    with Image.open(samples / "grid.png") as g:
+        assert g.size == plots.grid_size(len(NAMES), 3)
 
 
 def test_the_adapter_shows_in_later_rounds(run):
@@ -71,7 +78,7 @@ def test_eval_loss_at_its_interval_and_loss_plot(run):
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
     assert all(set(r) >= {"step", "loss", "lr", "elapsed_s"} for r in rows)
     with Image.open(run / "loss.png") as im:
-        assert im.size == (800, 400)
+        assert im.size == (900, 450)
 
 
 def test_ema_is_what_gets_published(run):
