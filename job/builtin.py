@@ -2,8 +2,10 @@
 
 The ``demo`` command and the tests need an AuraFlow pipeline folder and some captioned images without
 network access or gigabytes of weights. Everything here is generated deterministically from code:
-a randomly initialised AuraFlow-architecture pipeline with the sizes of diffusers' own AuraFlow
-pipeline tests, and PNGs of coloured shapes drawn with Pillow.
+an AuraFlow-architecture pipeline with the sizes of diffusers' own AuraFlow pipeline tests, and PNGs
+of coloured shapes drawn with Pillow. The transformer and text encoder keep random weights (the
+transformer's position table is the smooth sine-cosine one); the VAE is fitted for a few seconds to
+the shapes, so decoded samples are pictures, not noise.
 
 Every builder writes into a hidden temporary sibling folder and renames it into place, so a folder
 under its final name is always complete; a later call finds it and returns it without rebuilding.
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Bump when the build code changes in a way the config dicts below do not capture.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 
 # 64 px -> 32x32 latents (VAE factor 2) -> 16x16 patches (patch 2) = pos_embed_max_size 256, the
 # most position embeddings the tiny transformer has. It is also the pipeline's default size
@@ -45,20 +47,29 @@ _TRANSFORMER_CONFIG = {
     "pos_embed_max_size": 256,
 }
 
-# The same VAE as the diffusers fast test, but with the SDXL VAE's scaling factor that the real
-# AuraFlow VAE uses, so latent statistics code paths see the real constant.
+# The diffusers fast test's VAE layout (two blocks: factor 2, 4 latent channels) at half its width, so
+# fitting it takes seconds; 4 channels per norm group as in the real VAE (one per group would
+# normalise a flat colour away). The SDXL VAE's scaling factor, which the real AuraFlow VAE uses.
 _VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
     "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "block_out_channels": [32, 64],
+    "block_out_channels": [16, 32],
     "layers_per_block": 1,
-    "norm_num_groups": 32,
+    "norm_num_groups": 4,
     "latent_channels": 4,
     "sample_size": TINY_RESOLUTION,
     "scaling_factor": 0.13025,
 }
+
+# How the VAE is fitted: Adam on L1 reconstruction (flat colours come out truer than with MSE) of
+# random crops from a pool of shape images like the toy dataset's, with a little noise on the
+# latents so the decoder also renders latents a denoiser only gets close to. Three latent channels
+# are pulled towards the image's colours at latent resolution: the encoder then learns in seconds
+# what it otherwise takes minutes to find, and distinct colours stay far apart in latent space.
+_VAE_FIT = {"pool": 256, "steps": 200, "batch": 16, "crop": 16, "lr": 3e-3, "latent_noise": 0.1,
+            "colour_prior": 1.0, "seed": 0}
 
 # d_model must equal the transformer's joint_attention_dim. T5's special-token ids (pad 0, eos 1)
 # match the tokenizer built below. No dropout, so text embeddings do not depend on train/eval mode.
@@ -156,6 +167,31 @@ def toy_dataset_dir(root: str | os.PathLike, count: int = 24, size: int = 64) ->
     )
 
 
+# The demo's four pictures: shape, colour, background. Every word differs between captions, so even the
+# tiny random text encoder tells them apart; one fixed picture per caption, so the few hundred steps a
+# CPU affords go to learning them rather than a distribution.
+DEMO_PICTURES = [("circle", "red", "white"), ("square", "blue", "yellow"), ("triangle", "green", "black"),
+                 ("diamond", "orange", "purple")]
+
+
+def demo_captions() -> dict[str, str]:
+    """{shape: caption} of the demo's pictures, e.g. "circle": "a red circle on a white background"."""
+    return {shape: _caption(fg, shape, bg) for shape, fg, bg in DEMO_PICTURES}
+
+
+def demo_dataset_dir(root: str | os.PathLike, size: int = TINY_RESOLUTION) -> Path:
+    """Return ``root/<name>`` holding the demo's pictures (``size`` x ``size``, centred shapes) and captions."""
+    recipe = {"version": _RECIPE_VERSION, "pictures": DEMO_PICTURES, "colours": _COLOURS, "size": size}
+
+    def write(out: Path) -> None:
+        for i, (shape, fg, bg) in enumerate(DEMO_PICTURES):
+            image = _draw_shape(shape, _COLOURS[fg], _COLOURS[bg], (size, size), (size / 2, size / 2), size * 0.32)
+            image.save(out / f"{i:04d}.png")
+            (out / f"{i:04d}.txt").write_text(_caption(fg, shape, bg), encoding="utf-8")
+
+    return _build_once(Path(root) / f"demo-pictures-{size}-{_fingerprint(recipe)}", write)
+
+
 def single_image_dataset_dir(root: str | os.PathLike, caption: str = "a red circle", size: int = 64) -> Path:
     """Return ``root/<name>`` holding one ``size`` x ``size`` red circle on white and its caption.
 
@@ -212,6 +248,7 @@ def _model_recipe() -> dict:
         "version": _RECIPE_VERSION,
         "transformer": _TRANSFORMER_CONFIG,
         "vae": _VAE_CONFIG,
+        "vae_fit": _VAE_FIT,
         "text_encoder": _TEXT_ENCODER_CONFIG,
         "scheduler": _SCHEDULER_CONFIG,
         "vocabulary": _vocabulary(),
@@ -259,8 +296,10 @@ def _build_model(out: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformer = AuraFlowTransformer2DModel(**_TRANSFORMER_CONFIG)
+        _smooth_positions(transformer)
         torch.manual_seed(0)
         vae = AutoencoderKL(**_VAE_CONFIG)
+        _fit_vae(vae)
         torch.manual_seed(0)
         text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **_TEXT_ENCODER_CONFIG))
     pipeline = AuraFlowPipeline(
@@ -271,6 +310,91 @@ def _build_model(out: Path) -> None:
         scheduler=FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
     )
     pipeline.save_pretrained(out, safe_serialization=True)
+
+
+def _smooth_positions(transformer) -> None:
+    """Replace the transformer's random position table (N(0, 0.1^2) per entry) with the 2-D sine-cosine table,
+    which gives nearby patches similar codes.
+
+    The random one is lost in the noise of the first sampling steps, where the model must place a shape from
+    the caption alone, and no adapter reaches it (a parameter, not a Linear layer): with it, the demo learned
+    the pictures' colours but no shapes, even in 1500 steps. The rest of the transformer stays random.
+    """
+    import torch
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    table = transformer.pos_embed.pos_embed  # (1, side * side, dim), read as a side x side grid
+    side = int(table.shape[1] ** 0.5)
+    with torch.no_grad():
+        table.copy_(get_2d_sincos_pos_embed(table.shape[-1], side, output_type="pt").to(table.dtype)[None])
+
+
+def _fit_vae(vae) -> None:
+    """Fit `vae` in place to toy shapes, then rescale its latents so `latent * scaling_factor` is about
+    N(0, 1) per channel, as the real VAE's are (the flow-matching noise has that scale).
+
+    One thread: CPU kernels may sum in another order with another thread count, and the build must
+    give the same bytes on every machine that runs the same code.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    f = _VAE_FIT
+    rng = random.Random(f["seed"])
+    names = list(_COLOURS)
+    images = []
+    for _ in range(f["pool"]):
+        fg, bg = rng.sample(names, 2)
+        radius = TINY_RESOLUTION * rng.uniform(0.25, 0.4)
+        centre = (rng.uniform(radius, TINY_RESOLUTION - radius), rng.uniform(radius, TINY_RESOLUTION - radius))
+        image = _draw_shape(rng.choice(_SHAPES), _COLOURS[fg], _COLOURS[bg], (TINY_RESOLUTION,) * 2, centre, radius)
+        images.append(torch.from_numpy(np.array(image)))
+    pool = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # the pipeline's [-1, 1]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(f["seed"])
+        opt = torch.optim.Adam(vae.parameters(), lr=f["lr"])
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=f["lr"], total_steps=f["steps"], pct_start=0.15)
+        vae.train()
+        crop = f["crop"]
+        factor = 2 ** (len(_VAE_CONFIG["block_out_channels"]) - 1)
+        for _ in range(f["steps"]):
+            pick = torch.randint(0, len(pool), (f["batch"],), generator=gen)
+            x0, y0 = torch.randint(0, TINY_RESOLUTION - crop + 1, (2,), generator=gen).tolist()
+            x = pool[pick, :, y0:y0 + crop, x0:x0 + crop]
+            mean = vae.encode(x).latent_dist.mean
+            rec = vae.decode(mean + f["latent_noise"] * torch.randn(mean.shape, generator=gen)).sample
+            colours = F.avg_pool2d(x, factor)  # each latent pixel's share of the image
+            loss = F.l1_loss(rec, x) + f["colour_prior"] * F.mse_loss(mean[:, :3], colours)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(pool[i:i + 32]).latent_dist.mean for i in range(0, len(pool), 32)])
+            mu = latents.mean((0, 2, 3))
+            a = 1 / (latents.std((0, 2, 3)) * vae.config.scaling_factor)
+            _standardise_latents(vae, mu, a)
+    finally:
+        torch.set_num_threads(threads)
+    vae.requires_grad_(True)
+
+
+def _standardise_latents(vae, mu, a) -> None:
+    """Latent z becomes a * (z - mu) per channel, and the decoder undoes it: the same autoencoder."""
+    import torch
+
+    c = mu.numel()
+    q, p = vae.quant_conv, vae.post_quant_conv  # 1x1 convs: the encoder's (mean, logvar) and the decoder's input
+    q.weight[:c] *= a.view(c, 1, 1, 1)
+    q.bias[:c] = a * (q.bias[:c] - mu)
+    q.bias[c:] += 2 * torch.log(a)  # the posterior's variance scales with a^2
+    p.bias += p.weight[:, :, 0, 0] @ mu
+    p.weight /= a.view(1, c, 1, 1)
 
 
 def _write_toy_dataset(out: Path, count: int, size: int) -> None:
@@ -290,9 +414,11 @@ def _write_toy_dataset(out: Path, count: int, size: int) -> None:
         centre = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
         image = _draw_shape(shape, _COLOURS[fg], _COLOURS[bg], (width, height), centre, radius)
         image.save(out / f"{i:04d}.png")
-        article = "an" if fg[0] in "aeiou" else "a"
-        caption = f"{article} {fg} {shape} on a {bg} background"
-        (out / f"{i:04d}.txt").write_text(caption, encoding="utf-8")
+        (out / f"{i:04d}.txt").write_text(_caption(fg, shape, bg), encoding="utf-8")
+
+
+def _caption(fg: str, shape: str, bg: str) -> str:
+    return f"{'an' if fg[0] in 'aeiou' else 'a'} {fg} {shape} on a {bg} background"
 
 
 def _draw_shape(shape: str, fg: tuple, bg: tuple, size: tuple, centre: tuple, radius: float):

@@ -1,8 +1,11 @@
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, AutoencoderKL
 from PIL import Image
 from transformers import AutoTokenizer, UMT5EncoderModel
@@ -15,8 +18,8 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return builtin.tiny_model_dir(tmp_path_factory.mktemp("models"))
+def model_dir(tiny_model) -> Path:
+    return tiny_model  # the session's build: the VAE fit is worth doing once
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +75,9 @@ def test_builds_are_byte_identical(model_dir, tmp_path):
     assert _tree(other) == _tree(model_dir)
 
 
-def test_second_call_reuses_folder(tmp_path, monkeypatch):
-    first = builtin.tiny_model_dir(tmp_path)
+def test_second_call_reuses_folder(model_dir, tmp_path, monkeypatch):
+    shutil.copytree(model_dir, tmp_path / model_dir.name)
+    first = tmp_path / model_dir.name
     mtimes = {p: p.stat().st_mtime_ns for p in [first, *first.rglob("*")]}
 
     def fail(out):
@@ -95,9 +99,13 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_recipe_change_builds_new_folder(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(builtin._SCHEDULER_CONFIG, "shift", 3.0)
-    assert builtin.tiny_model_dir(tmp_path).name != model_dir.name
+@pytest.mark.parametrize("table, key, value", [("_SCHEDULER_CONFIG", "shift", 3.0), ("_VAE_FIT", "steps", 199)])
+def test_recipe_change_builds_new_folder(model_dir, tmp_path, monkeypatch, table, key, value):
+    monkeypatch.setitem(getattr(builtin, table), key, value)
+    built = []
+    monkeypatch.setattr(builtin, "_build_model", built.append)  # the name is the point, not a second fit
+    other = builtin.tiny_model_dir(tmp_path)
+    assert other.name != model_dir.name and len(built) == 1 and built[0].parent == tmp_path
 
 
 def test_toy_dataset(tmp_path):
@@ -126,3 +134,61 @@ def test_single_image_dataset(tmp_path):
         assert im.getpixel((0, 0)) == (255, 255, 255)
         assert im.getpixel((24, 24)) == (220, 30, 30)
     assert image.with_suffix(".txt").read_text(encoding="utf-8") == "a red circle"
+
+
+def _as_batch(paths) -> torch.Tensor:
+    """RGB PNGs as the pipeline's VAE input: (n, 3, h, w) in [-1, 1]."""
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@pytest.fixture(scope="module")
+def vae(model_dir) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
+
+
+@torch.no_grad()
+def test_vae_reconstructs_the_toy_images(vae, tmp_path):
+    images = [p for p in sorted(builtin.toy_dataset_dir(tmp_path).glob("*.png")) if Image.open(p).size == (64, 64)]
+    x = _as_batch(images)
+    assert len(x) == 21  # every image but the three non-square ones
+
+    def error(model):
+        return F.mse_loss(model.decode(model.encode(x).latent_dist.mean).sample.clamp(-1, 1), x).item()
+
+    torch.manual_seed(0)
+    unfitted = error(AutoencoderKL(**builtin._VAE_CONFIG).eval())  # what the build starts from
+    fitted = error(vae)
+    assert fitted < 0.04 and fitted < unfitted / 10, (fitted, unfitted)  # measured: 0.026 vs 0.64
+    scaled = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    assert ((scaled.std((0, 2, 3)) - 1).abs() < 0.2).all() and (scaled.mean((0, 2, 3)).abs() < 0.3).all()
+
+
+@torch.no_grad()
+def test_vae_latents_have_the_noise_scale_and_keep_colours_apart(vae):
+    # flat images of each palette colour: the decoder gives the colour back, and scaled latents sit about a unit
+    # apart, the scale of the flow-matching noise, as the real VAE's scaling factor makes them
+    colours = torch.tensor(list(builtin._COLOURS.values())).float() / 127.5 - 1
+    flat = colours.view(-1, 3, 1, 1).expand(-1, 3, 64, 64)
+    latents = vae.encode(flat).latent_dist.mean
+    back = vae.decode(latents).sample.clamp(-1, 1).mean((2, 3))
+    assert (back - colours).abs().max().item() * 127.5 < 24  # measured: at most 17 of 255 per channel
+    scaled = (latents * vae.config.scaling_factor).mean((2, 3))
+    gaps = torch.cdist(scaled, scaled) + torch.eye(len(colours)) * 99
+    assert gaps.min().item() > 0.5  # measured: 1.07 for the closest pair
+    noise = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    decoded = vae.decode(noise / vae.config.scaling_factor).sample
+    assert decoded.std().item() > 0.3  # pure noise decodes to coloured noise, not a flat field (step 0 of a run)
+
+
+def test_the_transformer_knows_where_it_is(model_dir):
+    # the position table is smooth: neighbouring patches get near-identical codes, distant ones different codes,
+    # so a shape can be placed from the caption alone (the rest of the transformer is random)
+    transformer = AuraFlowTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    table = transformer.pos_embed.pos_embed[0].detach()
+    side = int(len(table) ** 0.5)
+    grid = table.view(side, side, -1)
+    neighbours = (grid[:, 1:] - grid[:, :-1]).norm(dim=-1).mean()
+    far = (grid[:, side // 2:] - grid[:, : side - side // 2]).norm(dim=-1).mean()
+    assert neighbours < 0.5 * far, (neighbours, far)  # measured: 0.39 (a random table: 1.0)
+    assert table.std() > 0.3  # as strong as the patch content, not the 0.1 of a random initialisation
