@@ -36,16 +36,22 @@ DEMO_LYCORIS = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_
 def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(defaults the user may override, settings the demo forces) for `demo`."""
     size = str(builtin.TINY_RESOLUTION)
+    first, *others = builtin.demo_captions().items()
+    # LoKr factor 1 (a scalar times a full matrix: an unrestricted update of each Linear) and shift 3 (mostly high
+    # noise, where sampling starts and a model this small is weakest): with factor 4 or shift 1, 300 steps leave
+    # the pictures unrecognisable
+    lycoris = {**DEMO_LYCORIS, "factor": 1}
     defaults = {
         "output_dir": "./output/demo", "resolution": size, "resolution_type": "pixel", "crop": "true",
-        "max_train_steps": "300", "train_batch_size": "4", "learning_rate": "3e-3", "optimizer": "adamw",
-        "mixed_precision": "no", "gradient_checkpointing": "false", "lycoris_config": json.dumps(DEMO_LYCORIS),
-        "checkpoint_step_interval": "100", "flow_schedule_shift": "1.0",
+        "max_train_steps": "300", "train_batch_size": "4", "learning_rate": "1e-2", "optimizer": "adamw",
+        "mixed_precision": "no", "gradient_checkpointing": "false", "lycoris_config": json.dumps(lycoris),
+        "checkpoint_step_interval": "100", "flow_schedule_shift": "3.0",
         "validation_resolution": f"{size}x{size}", "validation_num_inference_steps": "8",
         "validation_step_interval": "100", "validation_guidance": "1.0", "eval_steps_interval": "25",
+        "validation_prompt": first[1], "user_prompt_library": json.dumps(dict(others)),
     }
     forced = {
-        "model_id": str(builtin.tiny_model_dir(root)), "dataset_id": str(builtin.toy_dataset_dir(root)),
+        "model_id": str(builtin.tiny_model_dir(root)), "dataset_id": str(builtin.demo_dataset_dir(root)),
         "caption_strategy": "textfile", "data_backend_config": "", "push_to_hub": "false",
         "push_checkpoints_to_hub": "false",
     }
@@ -71,7 +77,7 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
     with started(ranks, model.pick_device()) as ctx:
         geo = ctx.main_only(lambda: preflight(settings, ctx.device, ctx.world))
         if command == "demo":
-            log.info("demo: tiny built-in AuraFlow, toy shapes, LoKr over all Linear layers (not the seed's "
+            log.info("demo: tiny built-in AuraFlow, four toy pictures, LoKr over all Linear layers (not the seed's "
                      "Attention-only preset, which cannot move a model this small)")
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
