@@ -17,14 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import TINY, run_cli
 from job import builtin, config, data, model, pipeline
 from job.cache import TensorCache
 from job.errors import DataError
 
-TINY = dict(resolution=64, resolution_type="pixel", validation_resolution="64x64", push_to_hub="false",
-            mixed_precision="no", gradient_checkpointing="false", optimizer="adamw", flow_schedule_shift="1.0",
-            validation_num_inference_steps=1)  # sampling is not under test here
 # the tiny model's grid: VAE factor 2 x patch 2 = 4 px steps; 16 patches a side = 64 px at most
 TINY_GRID = model.Geometry(patch_size=2, pos_embed_max_size=256, vae_scale_factor=2, latent_channels=4)
 ORIENTATION = 0x0112

@@ -21,12 +21,11 @@ import torch
 from diffusers import AuraFlowTransformer2DModel
 from safetensors.torch import load_file
 
-from conftest import ROOT, clean_env, run_cli
+from conftest import ALL_LINEAR, ROOT, TINY, clean_env, losses, run_cli
 from job import builtin, data, launch, model
 from job.cache import TensorCache
 from job.errors import ConfigError
 from job.train import flow_loss
-from test_train import ALL_LINEAR, TINY, losses
 
 SEED = 5
 # accumulation and caption dropout on: each rank's rows must get their own micro-batch draws, step after step

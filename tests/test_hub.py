@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import run_cli
-from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, start_hub
-from job import builtin
-from test_train import ALL_LINEAR, TINY
-
-MODEL, DATA = "tester/tiny-auraflow", "tester/one-circle"
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def hub(tiny_model, tmp_path_factory):
-    server = start_hub(lfs_threshold=8 * 1024)  # the adapter goes the LFS way, configs the regular way
-    server.model_commit = server.add_repo(MODEL, tree(tiny_model))
-    server.add_repo(DATA, tree(builtin.single_image_dataset_dir(tmp_path_factory.mktemp("d"))), repo_type="dataset")
-    server.add_repo("mallory/gated-auraflow", tree(tiny_model), gated=True)
-    yield server
-    server.stop()
+from conftest import ALL_LINEAR, HUB_DATA, HUB_MODEL, TINY, run_cli
+from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN
 
 
 def train(hub, tmp_path, *args, **settings):
-    base = dict(**TINY, model_id=MODEL, dataset_id=DATA, lycoris_config=ALL_LINEAR, max_train_steps=4,
+    base = dict(**TINY, model_id=HUB_MODEL, dataset_id=HUB_DATA, lycoris_config=ALL_LINEAR, max_train_steps=4,
                 output_dir=tmp_path / "out", hf_token=WRITE_TOKEN, hf_endpoint=hub.url, hf_home=tmp_path / "hf",
                 hf_hub_offline="0", hf_hub_disable_xet="1", hub_retries=3)
     return run_cli(*(args or ("train",)), **{**base, **settings})
@@ -48,12 +29,12 @@ def test_pull_train_push_end_to_end(hub, tmp_path):
     assert not any(k.startswith("cache/") or k.startswith("checkpoints/") for k in pushed)
     card = ModelCard(pushed["README.md"].decode())
     meta = card.data.to_dict()
-    assert meta["base_model"] == MODEL and meta["pipeline_tag"] == "text-to-image"
+    assert meta["base_model"] == HUB_MODEL and meta["pipeline_tag"] == "text-to-image"
     assert {"lycoris", "auraflow", "lokr"} <= set(meta["tags"])
     assert meta["widget"] == [{"text": "a red circle", "output": {"url": "samples/validation.png"}}]
     assert "create_lycoris_from_weights(1.0, adapter, pipe.transformer)" in card.text
     resolved = json.loads(pushed["training_config.json"])
-    assert resolved["model_commit"] == hub.model_commit and DATA in resolved["dataset_commits"]
+    assert resolved["model_commit"] == hub.model_commit and HUB_DATA in resolved["dataset_commits"]
     assert WRITE_TOKEN not in r.stderr + r.stdout and all(WRITE_TOKEN.encode() not in v for v in pushed.values())
 
 

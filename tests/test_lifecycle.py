@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, clean_env, run_cli
+from conftest import ALL_LINEAR, ROOT, TINY, clean_env, run_cli
 from job import builtin
-from test_train import ALL_LINEAR, TINY
 
 STEPS = 24
 

@@ -16,6 +16,7 @@ import torch
 from diffusers import AuraFlowTransformer2DModel
 from safetensors.torch import load_file
 
+from conftest import ROOT, TINY, run_cli
 from job import model, offload
 from job.config import SEED_LYCORIS_CONFIG
 from job.pipeline import DEMO_LYCORIS
@@ -307,9 +308,6 @@ def test_stream_prefetch_chain_is_reversed_for_the_backward_and_restored_for_the
 # ---------------------------------------------------------------- through the real CLI
 
 def _run(tiny_model, data, out, **extra):
-    from conftest import run_cli
-    from test_train import TINY
-
     settings = {**TINY, "model_id": tiny_model, "dataset_id": data, "output_dir": out, "max_train_steps": 4,
                 "train_batch_size": 2, "learning_rate": 1e-2, "lycoris_config": json.dumps(DEMO_LYCORIS),
                 "gradient_checkpointing": "true", "base_model_precision": "int8-quanto",
@@ -349,8 +347,6 @@ def test_model_cpu_offload_and_offload_during_startup_change_no_number(tiny_mode
 
 
 def test_check_prints_a_memory_estimate(tiny_model, baseline):
-    from conftest import run_cli
-
     r = run_cli("check", model_id=tiny_model, dataset_id=baseline[0], push_to_hub="false", resolution=64,
                 validation_resolution="64x64",
                 enable_group_offload="true", base_model_precision="int8-quanto")
@@ -459,6 +455,7 @@ RSS_AFTER_SPILL = """
 import sys, tempfile, torch
 from pathlib import Path
 from diffusers import AuraFlowTransformer2DModel
+from conftest import ROOT, TINY, run_cli
 from job import model, offload
 
 def rss():
@@ -484,8 +481,6 @@ def test_weights_spilled_to_disk_leave_host_ram():
     weight's freed, resident chunk, so the spill saved no RAM. Now most of the blocks' bytes leave the process."""
     import subprocess
     import sys
-
-    from conftest import ROOT
 
     r = subprocess.run([sys.executable, "-c", RSS_AFTER_SPILL], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)

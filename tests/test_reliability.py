@@ -14,14 +14,13 @@ import pytest
 import torch
 from diffusers import AuraFlowTransformer2DModel
 
-from conftest import ROOT, run_cli
+from conftest import ALL_LINEAR, ROOT, TINY, run_cli
 from job import builtin, checkpoint, disk, model
 from job.cache import TensorCache
 from job.config import SPECS, build_settings
 from job.errors import DivergedError
 from job.log import MetricsSink
 from job.train import Trainer
-from test_train import ALL_LINEAR, TINY
 
 HF_TOKEN = "hf_" + "S" * 34
 WANDB_KEY = "0123456789abcdef" * 2 + "01234567"

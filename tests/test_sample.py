@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import ALL_LINEAR, TINY, run_cli
 from job import builtin
-from test_train import ALL_LINEAR, TINY
 
 LIBRARY = {"circle": "a red circle on a white background", "square": "a blue square"}
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import ALL_LINEAR, TINY, run_cli
 from job import builtin
-from test_train import ALL_LINEAR, TINY
 
 TOKEN = "hf_" + "Q" * 34
 WANDB_KEY = "f" * 40

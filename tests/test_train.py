@@ -14,19 +14,11 @@ from lycoris import create_lycoris_from_weights
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import ALL_LINEAR, TINY, losses, run_cli
 from job import builtin, model
 from job.pipeline import DEMO_LYCORIS
 
-ALL_LINEAR = json.dumps(DEMO_LYCORIS)
-TINY = dict(resolution=64, resolution_type="pixel", validation_resolution="64x64", push_to_hub="false",
-            mixed_precision="no", gradient_checkpointing="false", optimizer="adamw", flow_schedule_shift="1.0",
-            validation_num_inference_steps="2")
 CAPTION = "a red circle"
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
