@@ -1,4 +1,4 @@
-"""The job's failure kinds, each carrying the exit code that CONTRACT.md promises for it.
+"""The job's failure kinds, each carrying the exit code that README.md's exit-code table promises for it.
 
 Lowest floor: every module may raise these; only `cli` turns them into exit codes.
 """
