@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from job import builtin
 from job.config import CONFIG_FILE_ENV, SPECS
 from job.pipeline import DEMO_LYCORIS
 
 ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)  # the same for the tests that train in this process (see clean_env)
 SETTING_ENVS = {s.env for s in SPECS} | {CONFIG_FILE_ENV}
 
 # The tiny model at its full 64 px, in fp32 without checkpointing, with AdamW: a step takes milliseconds.
@@ -66,7 +68,10 @@ def losses(out: Path) -> list[float]:
 def clean_env(**settings) -> dict[str, str]:
     """This process's environment without anything named like a setting, plus `settings` (names upper-cased)."""
     env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_ENVS}
-    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"})
+    # One compute thread: the tiny model's ops are too small to split, and with pytest-xdist every core already runs
+    # a test (two threads per run made a 24-step run 3x slower on 2 busy cores: OpenMP's idle threads spin).
+    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
+                "OMP_NUM_THREADS": "1"})
     env.update({k.upper(): str(v) for k, v in settings.items()})
     return env
 
