@@ -72,10 +72,10 @@ class Context:
             raise RankZeroFailed(box[0][1], box[0][2])
         return box[0][1]
 
-    def hook(self, due: Callable[[int], bool], work: Callable[[int], T] | None) -> Callable[[int], T | None]:
-        """A per-step hook whose `work` only rank 0 does (the others pass None); on the steps it is `due`, the
-        others wait for it, so the next step's collectives never wait on a validation round."""
-        return lambda step: self.main_only(lambda: work(step)) if due(step) else None
+    def hook(self, due: Callable[[int], bool], work: Callable[[Any], T]) -> Callable[[Any], T | None]:
+        """A Trainer hook whose `work` only rank 0 does: on the steps it is `due`, the others wait for it, so the
+        next step's collectives never wait on a validation round."""
+        return lambda trainer: self.main_only(lambda: work(trainer)) if due(trainer.step) else None
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -24,7 +24,7 @@ MAX_SEQUENCE_LENGTH = 256  # what AuraFlowPipeline.encode_prompt uses by default
 
 
 @dataclass(frozen=True)
-class Geometry:
+class Grid:
     """What the model's own small config files say about the sizes it accepts."""
 
     patch_size: int
@@ -37,19 +37,19 @@ class Geometry:
         return self.patch_size * self.vae_scale_factor
 
 
-def read_geometry(model_dir: Path) -> Geometry:
+def read_grid(model_dir: Path) -> Grid:
     t = json.loads((model_dir / "transformer" / "config.json").read_text())
     v = json.loads((model_dir / "vae" / "config.json").read_text())
-    return Geometry(t["patch_size"], t["pos_embed_max_size"], 2 ** (len(v["block_out_channels"]) - 1),
+    return Grid(t["patch_size"], t["pos_embed_max_size"], 2 ** (len(v["block_out_channels"]) - 1),
                     v["latent_channels"])
 
 
-def geometry_problems(settings: Settings, geo: Geometry, resolutions: list[int]) -> list[str]:
+def resolution_problems(settings: Settings, grid: Grid, resolutions: list[int]) -> list[str]:
     """`resolutions`: each dataset's; a square bucket for both types (data.py clamps other aspects to the grid)."""
     return grid_problems({"RESOLUTION": [(r, r) for r in resolutions],
                           "VALIDATION_RESOLUTION": list(settings.validation.validation_resolution)},
-                         patch_size=geo.patch_size, pos_embed_max_size=geo.pos_embed_max_size,
-                         vae_scale_factor=geo.vae_scale_factor, exact=("VALIDATION_RESOLUTION",))
+                         patch_size=grid.patch_size, pos_embed_max_size=grid.pos_embed_max_size,
+                         vae_scale_factor=grid.vae_scale_factor, exact=("VALIDATION_RESOLUTION",))
 
 
 def pick_device() -> torch.device:
@@ -181,9 +181,9 @@ def offload_transformer(transformer, network, settings: Settings, device: torch.
     fingerprint = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), settings.training.base_model_precision,
                                              settings.training.mixed_precision]).encode()).hexdigest()[:12]
     m = settings.memory
-    plan = offload.Plan(m.group_offload_type, m.group_offload_blocks_per_group, use_stream(settings, device),
+    policy = offload.Policy(m.group_offload_type, m.group_offload_blocks_per_group, use_stream(settings, device),
                         m.group_offload_to_disk_path)
-    off = offload.apply(transformer, network, device, plan, fingerprint)
+    off = offload.apply(transformer, network, device, policy, fingerprint)
     log.info("group offload: %d groups (%s, %d block(s) per group%s), to %s", len(off.groups),
              m.group_offload_type, m.group_offload_blocks_per_group,
              (", stream prefetch" + (" (GROUP_OFFLOAD_USE_STREAM=auto: on with CUDA)"
@@ -247,7 +247,7 @@ def adapter_check(model_dir: Path, lycoris_config: dict):
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel.from_config(AuraFlowTransformer2DModel.load_config(model_dir / "transformer"))
-        size = model_size(shell, read_geometry(model_dir))
+        size = model_size(shell, read_grid(model_dir))
         try:
             network = _lycoris_network(shell, lycoris_config)
         except ConfigError as e:
@@ -258,7 +258,7 @@ def adapter_check(model_dir: Path, lycoris_config: dict):
     return [], sum(p.numel() for lora in network.loras for p in lora.parameters()), size
 
 
-def model_size(transformer: torch.nn.Module, geo: Geometry):
+def model_size(transformer: torch.nn.Module, grid: Grid):
     """Parameter counts for the memory estimate (works on a meta-device shell)."""
     from job.memory import ModelSize
     from job.offload import blocks as transformer_blocks
@@ -272,7 +272,7 @@ def model_size(transformer: torch.nn.Module, geo: Geometry):
     return ModelSize(outside=sum(p.numel() for p in transformer.parameters()) - sum(total),
                      block_linear=tuple(linear), block_other=tuple(t - lin for t, lin in zip(total, linear)),
                      hidden=cfg.num_attention_heads * cfg.attention_head_dim,
-                     patch_size=geo.patch_size, vae_scale_factor=geo.vae_scale_factor, pinned_ratio=pinned)
+                     patch_size=grid.patch_size, vae_scale_factor=grid.vae_scale_factor, pinned_ratio=pinned)
 
 
 def memory_estimate(settings: Settings, size, adapter_params: int, resolution: int, device: torch.device):
