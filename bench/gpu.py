@@ -120,7 +120,8 @@ def batch():
 
 
 def loss_of(tr, settings, seed: int):
-    return train_loss(tr, batch(), torch.Generator().manual_seed(seed), settings.training, 2, CUDA, torch.bfloat16)
+    return train_loss(tr, batch(), torch.Generator().manual_seed(seed), settings.training, 2, CUDA,
+                      torch.bfloat16).mean()
 
 
 def predicted(precision: str, mode: str, adapter_params: int) -> tuple[float, float]:

@@ -83,7 +83,7 @@ def one(variant: str, disk_root: str, smoke: bool = False) -> dict:
         settings = build_settings([{"dataset_id": "x", "push_to_hub": "false", "mixed_precision": "bf16"}])
         gen = torch.Generator().manual_seed(1)
         batch = Batch(torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 16, 2048, generator=gen))
-        loss = train_loss(tr, batch, torch.Generator().manual_seed(2), settings.training, 2, cpu, torch.bfloat16)
+        loss = train_loss(tr, batch, torch.Generator().manual_seed(2), settings.training, 2, cpu, torch.bfloat16).mean()
         loss.backward()
         loss = loss.item()
     train_peak, train_s = vm("VmHWM"), time.monotonic() - t0

@@ -32,8 +32,9 @@ image.save("output.png")
 
 
 def render(s: Settings, *, repo: str, model_commit: str | None, datasets: list[tuple[str, str | None]],
-           samples: list[tuple[str, str]], steps_done: int) -> str:
-    """`samples`: (path relative to the card, prompt) of the final validation images."""
+           samples: list[tuple[str, str]], steps_done: int, regularisation: tuple[str, ...] = ()) -> str:
+    """`samples`: (path relative to the card, prompt) of the final validation images; `regularisation`: the
+    datasets (refs) that were regularisation data."""
     from huggingface_hub import ModelCard, ModelCardData
 
     v, t = s.validation, s.training
@@ -52,7 +53,9 @@ def render(s: Settings, *, repo: str, model_commit: str | None, datasets: list[t
         + (f"[{s.model_id}](https://huggingface.co/{s.model_id})" if on_hub else f"`{s.model_id}`")
         + f", trained for {steps_done} steps.", "",
         "## Trained on", "",
-        *[f"- `{ref}`" + (f" at `{rev}`" if rev else "") for ref, rev in datasets],
+        *[f"- `{ref}`" + (f" at `{rev}`" if rev else "")
+          + (": regularisation data (the adapter was held to the base model's own predictions on it)"
+             if ref in regularisation else "") for ref, rev in datasets],
         f"- base model `{s.model_id}`" + (f" at `{model_commit}`" if model_commit else ""), "",
         "## Settings", "",
         "| setting | value |", "| --- | --- |",

@@ -578,6 +578,8 @@ class DatasetSpec:
     repeats: int
     minimum_image_size: int
     cache_dir_vae: str  # "" = OUTPUT_DIR/cache/vae
+    regularisation: bool = False  # parent-teacher: the target is the base model's own prediction
+    mask_dir: str = ""  # a folder of masks, one per image by relative name (a conditioning dataset's)
 
 
 # DATA_BACKEND_CONFIG keys: honoured (mapped onto DatasetSpec), or known to SimpleTuner but without effect here.
@@ -588,7 +590,6 @@ _BACKEND_IGNORED = {
     "target_downsample_size": "images are always resized straight to their bucket",
     "metadata_backend": "images are discovered by listing the folder",
     "skip_file_discovery": "images are discovered by listing the folder",
-    "is_regularisation_data": "regularisation images are trained like the others",
     "write_batch_size": "embeddings are written one file each",
     "default": "there is one text-embedding cache",
     "vae_cache_clear_each_epoch": "latents are cached once, keyed by content",
@@ -604,13 +605,14 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
     if not d.data_backend_config:
         return [DatasetSpec("dataset", d.dataset_id, cache_dir_vae="", **base)], "", [], []
     specs, problems, ignored, text_dir = [], [], set(), ""
+    masks = _mask_datasets(d.data_backend_config, problems)
     for n, entry in enumerate(d.data_backend_config):
         where = f"DATA_BACKEND_CONFIG[{n}]"
         if not isinstance(entry, dict):
             problems.append(f"{where}: expected an object")
             continue
         where = f"DATA_BACKEND_CONFIG[{entry.get('id', n)}]"
-        if str(entry.get("disabled", "false")).lower() in ("true", "1", "yes"):
+        if _truthy(entry.get("disabled", False)) or entry.get("dataset_type") == "conditioning":
             continue
         if entry.get("dataset_type") == "text_embeds":
             text_dir = str(entry.get("cache_dir", ""))
@@ -621,6 +623,16 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
         folder = str(entry.get("instance_data_dir", ""))
         if not folder or not Path(folder).expanduser().is_dir():
             problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
+        mask_dir = ""
+        if "conditioning_data" in entry:
+            ref = entry["conditioning_data"]
+            ref = ref[0] if isinstance(ref, list) and len(ref) == 1 else ref
+            if not isinstance(ref, str) or ref not in masks:
+                problems.append(f"{where}.conditioning_data={entry['conditioning_data']!r}: expected the id of an "
+                                f"enabled dataset_type conditioning entry with conditioning_type mask "
+                                f"({', '.join(sorted(masks)) or 'there is none'})")
+            else:
+                mask_dir = masks[ref]
         values = dict(base)
         for key in _BACKEND_KEYS:
             if key in entry:
@@ -632,15 +644,52 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
                     problems.append(f"{where}.{key}={raw!r}: {e}")
         if values["caption_strategy"] == "instanceprompt" and not values["instance_prompt"]:
             problems.append(f"{where}: caption_strategy instanceprompt needs instance_prompt")
-        known = set(_BACKEND_KEYS) | {"id", "type", "instance_data_dir", "disabled", "cache_dir_vae", "dataset_type"}
+        known = set(_BACKEND_KEYS) | {"id", "type", "instance_data_dir", "disabled", "cache_dir_vae", "dataset_type",
+                                      "conditioning_data", *_REGULARISATION_KEYS}
         ignored |= {k for k in entry if k not in known}
         specs.append(DatasetSpec(str(entry.get("id", f"dataset-{n}")), folder,
-                                 cache_dir_vae=str(entry.get("cache_dir_vae", "")), **values))
+                                 cache_dir_vae=str(entry.get("cache_dir_vae", "")), **values,
+                                 regularisation=any(_truthy(entry.get(k, False)) for k in _REGULARISATION_KEYS),
+                                 mask_dir=mask_dir))
     if not specs and not problems:
         problems.append("DATA_BACKEND_CONFIG: no enabled image dataset")
+    if specs and all(spec.regularisation for spec in specs):
+        warnings_extra = ["DATA_BACKEND_CONFIG: every dataset is regularisation data, so the adapter is trained to "
+                          "match the base model: its loss is 0 from the first step and its effect stays zero"]
+    else:
+        warnings_extra = []
     warnings = [f"DATA_BACKEND_CONFIG: {k} ignored ({_BACKEND_IGNORED.get(k, 'not a setting of this job')})"
-                for k in sorted(ignored)]
+                for k in sorted(ignored)] + warnings_extra
     return specs, text_dir, problems, warnings
+
+
+# SimpleTuner spells it both ways
+_REGULARISATION_KEYS = ("is_regularisation_data", "is_regularization_data")
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
+def _mask_datasets(entries: list, problems: list[str]) -> dict[str, str]:
+    """The enabled conditioning entries of DATA_BACKEND_CONFIG: id → mask folder (masks are the only kind)."""
+    masks = {}
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or entry.get("dataset_type") != "conditioning" or \
+                _truthy(entry.get("disabled", False)):
+            continue
+        where = f"DATA_BACKEND_CONFIG[{entry.get('id', n)}]"
+        if entry.get("conditioning_type") != "mask":
+            problems.append(f"{where}.conditioning_type={entry.get('conditioning_type')!r}: only mask conditioning "
+                            "(masked loss) is supported")
+            continue
+        if entry.get("type", "local") != "local":
+            problems.append(f"{where}.type={entry['type']!r}: masks must be a local folder")
+        folder = str(entry.get("instance_data_dir", ""))
+        if not folder or not Path(folder).expanduser().is_dir():
+            problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
+        masks[str(entry.get("id", f"dataset-{n}"))] = folder
+    return masks
 
 
 def not_yet_supported(s: Settings) -> list[str]:

@@ -193,12 +193,13 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
     status.update(phase="caching")
     t0 = time.monotonic()
     samples, latents_of = data.encode_images(model_dir, samples, cache_dirs, s.data.vae_batch_size, device, ctx)
+    masks_of = data.encode_masks(samples, latents_of, grid.vae_scale_factor, ctx)
     plan = data.make_plan(samples, training.train_batch_size, training.seed, ctx.world)
     fallback = samples[0].captions[0]  # validation prompt when none is configured
     captions = [c for smp in samples for c in smp.captions] + [""] + sample.prompts_to_cache(s, fallback)
     text_cache, text_keys = data.encode_captions(model_dir, captions, Path(text_dir) if text_dir else out / "cache" / "text",
                                                  device, ctx)
-    cached = data.Cached(samples, latents_of, text_cache, text_keys)
+    cached = data.Cached(samples, latents_of, text_cache, text_keys, masks_of)
     log.info("caching done in %.1fs", time.monotonic() - t0)
 
     # model: frozen base + LoKr (seeded, so a fresh run's adapter init is reproducible)
@@ -254,11 +255,13 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
         trainer.metrics.close()
         if uploader:
             uploader.wait(timeout=UPLOAD_GRACE_S)  # a stopped pod gets its last checkpoint onto the Hub
-    return functools.partial(publish, s, trainer, validator, pulled, sources, total, status, notify, offloaded)
+    regularisation = tuple(spec.source for spec in specs if spec.regularisation)
+    return functools.partial(publish, s, trainer, validator, pulled, sources, total, status, notify, offloaded,
+                             regularisation)
 
 
 def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: hub.Pulled, sources, total: int,
-            status: StatusFile, notify, offloaded=None) -> None:
+            status: StatusFile, notify, offloaded=None, regularisation: tuple[str, ...] = ()) -> None:
     """The adapter (EMA weights when on), final samples, loss plot, resolved settings, model card, push, and last
     the completion record."""
     out, output = Path(s.output.output_dir), s.output
@@ -271,7 +274,7 @@ def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: 
                 "dataset_commits": {ref: commit for ref, commit in sources}}
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})
     card.write(out / "README.md", card.render(s, repo=output.hub_model_id or out.name, model_commit=pulled.commit,
-                                              datasets=sources, steps_done=trainer.step,
+                                              datasets=sources, steps_done=trainer.step, regularisation=regularisation,
                                               samples=[(f"samples/{p.name}", prompt) for p, prompt in validator.finals()]))
     log.info("done: %s", out / outputs.ADAPTER_FILE)
     pushed = None

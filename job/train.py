@@ -158,22 +158,12 @@ class Trainer:
 
     def train_step(self, t: TrainingSettings, accum: int, progress: Progress, t0: float) -> None:
         """One optimizer step: accumulate micro-batches, clip, update, log, checkpoint, honour a stop request."""
-        losses = []
-        for micro in range(accum):
-            index = self.step * accum + micro
-            g = micro_generator(t.seed, index)
-            loss = train_loss(self.transformer, self.fetch(index, g), g, t, self.patch_size, self.device,
-                              self.dtype, share=(self.dist.rank, self.dist.world))
-            (loss / accum).backward()
-            losses.append(loss.item())
-        # the ranks' gradients and losses averaged (once per step, after accumulation): every rank then clips,
-        # steps and decides about non-finite values alike, and the adapters stay identical
-        loss = self.dist.average_gradients(self.params, sum(losses) / accum)
+        loss, extra = self.accumulate(t, accum)
         grad_norm = self.clip()
         finite = self.apply(loss, grad_norm)
         self.step += 1
         lr = self.scheduler.get_last_lr()[0]
-        extra = {k: v for hook in self.hooks for k, v in (hook(self) or {}).items()}
+        extra |= {k: v for hook in self.hooks for k, v in (hook(self) or {}).items()}
         self.metrics.write(step=self.step, loss=loss if finite else None, lr=lr,
                            grad_norm=grad_norm if finite else None, elapsed_s=round(time.monotonic() - t0, 3),
                            it_per_s=round(progress.rate(self.step), 4), time=round(time.time(), 3), **extra,
@@ -187,6 +177,26 @@ class Trainer:
             path = self.save_checkpoint()
             raise Interrupted(signum, f"stopped by signal {signum} at step {self.step}; checkpoint {path} written in "
                                       f"{time.monotonic() - t_stop:.1f}s; the same command resumes")
+
+    def accumulate(self, t: TrainingSettings, accum: int) -> tuple[float, dict]:
+        """Forward and backward over the step's micro-batches; (the loss, the regularisation rows' share of it when
+        the run has such rows), averaged over micro-batches and ranks, the gradients likewise."""
+        losses, reg_losses = [], []
+        for micro in range(accum):
+            index = self.step * accum + micro
+            g = micro_generator(t.seed, index)
+            batch = self.fetch(index, g)
+            rows = train_loss(self.transformer, batch, g, t, self.patch_size, self.device, self.dtype,
+                              share=(self.dist.rank, self.dist.world), network=self.network)
+            loss = rows.mean()
+            (loss / accum).backward()
+            losses.append(loss.item())
+            if batch.regularisation is not None:
+                reg_losses.append(rows.detach()[batch.regularisation.to(rows.device)].sum().item() / len(rows))
+        # once per step, after accumulation: every rank then clips, steps and decides about non-finite values
+        # alike, and the adapters stay identical
+        loss, reg_loss = self.dist.average_gradients(self.params, [sum(losses) / accum, sum(reg_losses) / accum])
+        return loss, ({"regularisation_loss": reg_loss} if reg_losses else {})
 
     def apply(self, loss: float, grad_norm: float) -> bool:
         """The optimizer step; a non-finite loss or gradient is skipped (SKIP_NONFINITE_STEPS allows that many)

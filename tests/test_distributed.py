@@ -174,7 +174,7 @@ def test_the_data_split_and_random_draws_match_one_process(dataset):
             gen = torch.Generator().manual_seed(index)
             batch = fetch(rows)(index, gen)
             seen.clear()
-            loss = train_loss(transformer, batch, gen, t, 2, cpu, torch.float32, share=(rank, world))
+            loss = train_loss(transformer, batch, gen, t, 2, cpu, torch.float32, share=(rank, world)).mean()
             draws.append((*seen[0], loss))
         whole, first, second = draws
         for part in range(3):  # noised latents, text embeddings (dropout), timesteps

@@ -58,12 +58,15 @@ def make_plan(samples: list[Sample], batch_size: int, seed: int, processes: int 
 
 
 def batch_fetcher(plan: BatchPlan, latents_of: dict[int, tuple], text_cache, text_keys: dict[str, str],
-                  dropout: float, rows: slice = slice(None)
+                  dropout: float, rows: slice = slice(None), masks_of: dict[int, tuple] | None = None
                   ) -> Callable[[int, torch.Generator], Batch]:
     """micro-batch index → its Batch, from the caches; dropout swaps in the empty prompt.
 
-    latents_of maps a sample index to its (latent cache, key): datasets may keep their own cache folders.
-    `rows`: this process's rows of each (global) micro-batch."""
+    latents_of (and masks_of) map a sample index to its (cache, key): datasets may keep their own cache folders.
+    `rows`: this process's rows of each (global) micro-batch. A batch carries a mask when any sample of the run
+    has one (ones for the others), and regularisation flags when any sample is regularisation data."""
+    masks_of = masks_of or {}
+    regularised = any(smp.regularisation for smp in plan.samples)
 
     def fetch(index: int, g: torch.Generator) -> Batch:
         batch = plan.micro_batch(index)
@@ -72,6 +75,12 @@ def batch_fetcher(plan: BatchPlan, latents_of: dict[int, tuple], text_cache, tex
         latents = torch.stack([latents_of[i][0].get(latents_of[i][1]) for i, _ in batch])
         captions = ["" if d else plan.samples[i].captions[c] for (i, c), d in zip(batch, drop.tolist())]
         embeds = torch.stack([text_cache.get(text_keys[c]) for c in captions])
-        return Batch(latents, embeds)
+        mask = None
+        if masks_of:
+            ones = torch.ones(1, *latents.shape[-2:])
+            mask = torch.stack([masks_of[i][0].get(masks_of[i][1]).float() if i in masks_of else ones
+                                for i, _ in batch])
+        flags = torch.tensor([plan.samples[i].regularisation for i, _ in batch]) if regularised else None
+        return Batch(latents, embeds, mask=mask, regularisation=flags)
 
     return fetch

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from job.cache import TensorCache, component_identity
 from job.config import DatasetSpec
 from job.data.folder import Folder
 from job.data.images import UNREADABLE, Framing, fit, to_tensor
+from job.data.masks import Masks, match, reduce
 from job.data.plan import BatchPlan, batch_fetcher
 from job.data.source import Sample, Source, discover
 from job.distributed import SINGLE, Context
@@ -34,13 +35,22 @@ def open_source(folder: Path, spec: DatasetSpec) -> Source:
 
 def discover_all(specs: list[DatasetSpec], folders: list[Path], grid: model.Grid, out: Path
                  ) -> tuple[list[Sample], list[Path]]:
-    """Every dataset's samples, each with its own framing, and each sample's latent cache folder."""
+    """Every dataset's samples, each with its own framing, regularisation flag and masks, and each sample's latent
+    cache folder."""
     samples, cache_dirs = [], []
     for spec, folder in zip(specs, folders):
         framing = Framing(spec.resolution, spec.resolution_type, spec.crop, spec.crop_style, spec.crop_aspect,
                           grid.pixel_step, int(grid.pos_embed_max_size ** 0.5) * grid.pixel_step)
-        found = discover(open_source(folder, spec), framing, repeats=spec.repeats,
-                         minimum_image_size=spec.minimum_image_size)
+        source = open_source(folder, spec)
+        found = discover(source, framing, repeats=spec.repeats, minimum_image_size=spec.minimum_image_size)
+        if spec.mask_dir:
+            masks = Masks(Path(spec.mask_dir))
+            names = match(masks, [(smp.name, source.size(smp.name)) for smp in found], source.where)
+            found = [replace(smp, mask=(masks, name)) for smp, name in zip(found, names)]
+        if spec.regularisation:
+            found = [replace(smp, regularisation=True) for smp in found]
+            log.info("dataset %s: regularisation data (trained towards the base model's own predictions)",
+                     source.where)
         samples += found
         cache_dirs += [Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"] * len(found)
     return samples, cache_dirs
@@ -54,12 +64,13 @@ class Cached:
     latents_of: dict[int, tuple[TensorCache, str]]  # sample index → (its latent cache, key)
     text_cache: TensorCache
     text_keys: dict[str, str]  # caption → key
+    masks_of: dict[int, tuple[TensorCache, str]] = field(default_factory=dict)  # sample index → its reduced mask
 
     def embeds(self, caption: str) -> torch.Tensor:
         return self.text_cache.get(self.text_keys[caption])
 
     def fetcher(self, plan: BatchPlan, dropout: float, rows: slice) -> Callable[[int, torch.Generator], Batch]:
-        return batch_fetcher(plan, self.latents_of, self.text_cache, self.text_keys, dropout, rows)
+        return batch_fetcher(plan, self.latents_of, self.text_cache, self.text_keys, dropout, rows, self.masks_of)
 
     def eval_batches(self, n: int) -> list[Batch]:
         """The first `n` samples with their first captions, one per batch (buckets may differ)."""
@@ -91,6 +102,26 @@ def encode_images(model_dir: Path, samples: list[Sample], cache_dirs: list[Path]
     if not kept:
         raise DataError("no image could be decoded in any dataset")
     return [samples[i] for i in kept], {n: latents_of[i] for n, i in enumerate(kept)}
+
+
+def encode_masks(samples: list[Sample], latents_of: dict[int, tuple[TensorCache, str]], vae_factor: int,
+                 ctx: Context = SINGLE) -> dict[int, tuple[TensorCache, str]]:
+    """Each masked sample's mask on the latent grid, cached beside its latents (keyed by the mask's bytes and the
+    latent key, which holds the image, bucket and crop). Cheap: no model; each rank its share."""
+    masks_of = {}
+    for i, smp in enumerate(samples):
+        if smp.mask is None:
+            continue
+        masks, name = smp.mask
+        cache, latent_key = latents_of[i]
+        key = cache.key("mask", masks.content_key(name), latent_key)
+        if ctx.share(i) and not cache.has(key):
+            cache.put(key, reduce(masks.open(name), smp.bucket, smp.framing, latent_key, vae_factor).half())
+        masks_of[i] = (cache, key)
+    if masks_of:
+        log.info("masks: %d on the latent grid", len(masks_of))
+        ctx.barrier()
+    return masks_of
 
 
 def encode_captions(model_dir: Path, captions: list[str], folder: Path, device: torch.device,

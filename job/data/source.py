@@ -16,6 +16,7 @@ from typing import Protocol
 from PIL import Image
 
 from job.data.images import UNREADABLE, Framing, bucket_for
+from job.data.masks import Masks
 from job.errors import DataError
 
 log = logging.getLogger("job")
@@ -51,6 +52,8 @@ class Sample:
     bucket: tuple[int, int]  # (width, height) in pixels
     framing: Framing
     repeats: int = 0  # extra appearances per epoch
+    regularisation: bool = False  # trained towards the base model's own prediction (loss.batch_loss)
+    mask: tuple[Masks, str] | None = None  # (its dataset's masks, this image's mask name): masked loss
 
 
 def discover(source: Source, framing: Framing, *, repeats: int = 0, minimum_image_size: int = 0) -> list[Sample]:
