@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from job import precision
 from job.errors import ConfigError
+from job.precision import BASE_PRECISIONS, MIXED_PRECISIONS
 
 FLAVOURS = {
     "v0.1": "fal/AuraFlow",
@@ -262,9 +264,9 @@ class TrainingSettings:
     max_grad_norm: float = opt("2.0", "Gradient clipping threshold (0 = off)", _number(float, 0.0, None, False))
     grad_clip_method: str = opt("value", "Clip each gradient element (value) or the total norm (norm)",
                                 _choice("value", "norm"))
-    mixed_precision: str = opt("bf16", "Compute and adapter precision: bf16 or no (fp32)", _choice("bf16", "no"))
-    base_model_precision: str = opt("no_change", "Frozen base weights: no_change, int8-quanto, int4-quanto, nf4-bnb (CUDA)",
-                                    _choice("no_change", "int8-quanto", "int4-quanto", "nf4-bnb"))
+    mixed_precision: str = opt("bf16", "Compute and adapter precision: bf16 or no (fp32)", _choice(*MIXED_PRECISIONS))
+    base_model_precision: str = opt("no_change", "Frozen base weights: " + precision.base_help(),
+                                    _choice(*BASE_PRECISIONS))
     quantize_via: str = opt("accelerator", "Where to quantise the base: cpu (less VRAM at start) or accelerator",
                             _choice("cpu", "accelerator"))
     gradient_checkpointing: bool = opt("true", "Recompute activations in the backward to save memory")
@@ -513,21 +515,23 @@ def cross_check(s: Settings) -> list[str]:
     """Contradictions and missing companions between settings (no file system beyond small reads)."""
     p: list[str] = []
     t, m, o, d = s.training, s.memory, s.output, s.data
+    base = BASE_PRECISIONS[t.base_model_precision]
+    movable = precision.quantised_alternatives(lambda q: q.movable)
     if t.max_train_steps == 0 and t.num_train_epochs == 0:
         p.append("MAX_TRAIN_STEPS=0 and NUM_TRAIN_EPOCHS=0: set one of them above 0")
     if m.enable_group_offload and m.enable_model_cpu_offload:
         p.append("ENABLE_GROUP_OFFLOAD=true with ENABLE_MODEL_CPU_OFFLOAD=true: choose one offload method")
     if m.enable_group_offload:
-        if t.base_model_precision == "nf4-bnb":
-            p.append("ENABLE_GROUP_OFFLOAD=true with BASE_MODEL_PRECISION=nf4-bnb: bitsandbytes weights cannot be "
-                     "offloaded in groups; use int8-quanto or int4-quanto")
+        if not base.movable:
+            p.append(f"ENABLE_GROUP_OFFLOAD=true with BASE_MODEL_PRECISION={base.name}: {base.what} cannot be "
+                     f"offloaded in groups; use {movable}")
         if m.group_offload_use_stream is True and m.group_offload_type == "block_level" \
                 and m.group_offload_blocks_per_group > 1:
             p.append(f"GROUP_OFFLOAD_USE_STREAM=true prefetches one block at a time: set GROUP_OFFLOAD_BLOCKS_PER_GROUP=1 "
                      f"(not {m.group_offload_blocks_per_group}) or turn the stream off")
-    if m.enable_model_cpu_offload and t.base_model_precision == "nf4-bnb":
-        p.append("ENABLE_MODEL_CPU_OFFLOAD=true with BASE_MODEL_PRECISION=nf4-bnb: bitsandbytes weights cannot move "
-                 "between devices; use int8-quanto or int4-quanto")
+    if m.enable_model_cpu_offload and not base.movable:
+        p.append(f"ENABLE_MODEL_CPU_OFFLOAD=true with BASE_MODEL_PRECISION={base.name}: {base.what} cannot move "
+                 f"between devices; use {movable}")
     if not m.enable_group_offload:
         for name, value in (("GROUP_OFFLOAD_USE_STREAM", m.group_offload_use_stream is True),
                             ("GROUP_OFFLOAD_TO_DISK_PATH", m.group_offload_to_disk_path)):

@@ -90,3 +90,15 @@ def test_quanto_precisions_quantise_to_their_weight_type(base, qtype):
     model.quantize_quanto(layers, base)
     assert layers[0].weight_qtype is getattr(optimum.quanto, qtype)
     assert not any(p.requires_grad for p in layers.parameters())
+
+
+def test_a_new_row_reaches_the_advice_and_the_memory_estimate(monkeypatch):
+    """Adding a precision is one row: the refusals' advice and the bytes per weight follow from it."""
+    from job import precision
+
+    row = precision.BasePrecision("fp8-quanto", "quanto", "qfloat8", 1 + 4 / 1024)
+    monkeypatch.setitem(precision.BASE_PRECISIONS, row.name, row)
+    assert model.device_problems(settings(base_model_precision="nf4-bnb"), torch.device("cpu")) == [
+        "BASE_MODEL_PRECISION=nf4-bnb needs a CUDA GPU; use int8-quanto, int4-quanto or fp8-quanto here"]
+    size = ModelSize(outside=0, block_linear=(1024,), block_other=(0,), hidden=4, patch_size=2, vae_scale_factor=8)
+    assert weight_bytes(size, "fp8-quanto", "bf16") == 1024 + 4
