@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job import precision
+from job import log, precision
 from job.errors import ConfigError
 from job.precision import BASE_PRECISIONS, MIXED_PRECISIONS
 
@@ -40,7 +40,6 @@ SEED_LYCORIS_CONFIG = {
     "factor": 16,
     "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 8}}},
 }
-SECRET_MASK = "***"
 
 
 class Invalid(ValueError):
@@ -384,19 +383,22 @@ class Settings:
     def model_id(self) -> str:
         return self.model.model_id or FLAVOURS[self.model.model_flavour]
 
+    def value(self, spec: Spec) -> Any:
+        return getattr(getattr(self, spec.group), spec.name)
+
     def public_dict(self) -> dict:
         """Resolved settings for training_config.json and trackers: secrets removed, not masked."""
         out = {}
-        for group in GROUPS:
-            for f in dataclasses.fields(GROUPS[group]):
-                if not f.metadata["secret"]:
-                    value = getattr(getattr(self, group), f.name)
-                    out[f.name] = list(map(list, value)) if isinstance(value, tuple) else value
+        for spec in SPECS:
+            if not spec.secret:
+                value = self.value(spec)
+                out[spec.name] = list(map(list, value)) if isinstance(value, tuple) else value
         out["model_id"] = self.model_id
-        return json.loads(mask_secrets(json.dumps(out), self.secrets()))
+        return json.loads(log.redact(json.dumps(out), self.secrets()))
 
     def secrets(self) -> list[str]:
-        return [v for v in (self.access.hf_token, self.access.wandb_api_key) if len(v) >= 4]
+        """The values of the settings declared secret=True, for `log.redact`."""
+        return [value for spec in SPECS if spec.secret and (value := self.value(spec))]
 
 
 @dataclass(frozen=True)
@@ -440,7 +442,7 @@ _SIMPLETUNER_PREFIX = "--"
 
 
 def _show(spec: Spec, raw: str) -> str:
-    return SECRET_MASK if spec.secret else repr(raw)
+    return log.MASK if spec.secret else repr(raw)
 
 
 # ---------------------------------------------------------------- loading
@@ -498,17 +500,9 @@ def build_settings(layers: list[dict[str, str | None]]) -> Settings:
     # Report contradictions together with the parse errors, except those that involve a bad value.
     problems += [c for c in cross_check(settings) if not set(re.findall(r"\b[A-Z][A-Z0-9_]+\b", c)) & set(failed)]
     if problems:
-        secrets = [merged[n] for n in ("hf_token", "wandb_api_key") if len(merged.get(n, "")) >= 4]
-        raise ConfigError([mask_secrets(p, secrets) for p in problems])
+        secrets = [merged[spec.name] for spec in SPECS if spec.secret and merged.get(spec.name)]
+        raise ConfigError([log.redact(p, secrets) for p in problems])
     return settings
-
-
-def mask_secrets(text: str, secrets: list[str]) -> str:
-    """A token pasted into the wrong setting (a prompt, say) must not be echoed anywhere: problem lines,
-    training_config.json, tracker configs, the model card."""
-    for secret in secrets:
-        text = text.replace(secret, SECRET_MASK)
-    return re.sub(r"\bhf_[A-Za-z0-9]{20,}\b", SECRET_MASK, text)
 
 
 def cross_check(s: Settings) -> list[str]:

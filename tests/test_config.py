@@ -559,6 +559,26 @@ def test_secret_pasted_into_another_setting_is_not_echoed():
     assert TOKEN not in str(info.value)
 
 
+def test_a_newly_declared_secret_is_masked_everywhere_without_another_edit(monkeypatch):
+    """Every place that masks secrets reads secret=True from SPECS: flag one more setting and its value is masked in
+    problem lines, missing from public_dict, among secrets() (the model card's mask) and registered for the log."""
+    from job import cli, log
+
+    flagged = [dataclasses.replace(s, secret=True) if s.name == "tracker_run_name" else s for s in SPECS]
+    monkeypatch.setattr(config, "SPECS", flagged)
+    monkeypatch.setattr(config, "SPEC_BY_NAME", {s.name: s for s in flagged})
+    monkeypatch.setattr(log, "_secrets", set())
+    secret = "name-of-a-secret-run"
+    assert _problems([MINIMAL, {"tracker_run_name": secret, "hub_model_id": secret}]) == [
+        f"HUB_MODEL_ID='{log.MASK}': expected user/name"]
+    s = build_settings([MINIMAL, {"tracker_run_name": secret, "validation_prompt": f"a {secret} photo"}])
+    assert s.secrets() == [secret]
+    public = s.public_dict()
+    assert "tracker_run_name" not in public and public["validation_prompt"] == f"a {log.MASK} photo"
+    cli.register_secrets({"tracker_run_name": secret})
+    assert log.redact(f"run {secret} started") == f"run {log.MASK} started"
+
+
 def test_public_dict_has_no_secrets():
     s = build_settings([MINIMAL, {"hf_token": TOKEN, "wandb_api_key": WANDB_KEY}])
     assert s.access.hf_token == TOKEN and set(s.secrets()) == {TOKEN, WANDB_KEY}
