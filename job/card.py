@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from job.config import Settings, mask_secrets
+from job.config import Settings
+from job.log import redact
 
 SNIPPET = '''```python
 import torch
@@ -74,7 +75,7 @@ def render(s: Settings, *, repo: str, model_commit: str | None, datasets: list[t
                        steps=v.validation_num_inference_steps, guidance=v.validation_guidance, width=w, height=h,
                        seed=v.validation_seed),
     ]
-    text = mask_secrets(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n", s.secrets())
+    text = redact(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n", s.secrets())
     ModelCard(text, ignore_metadata_errors=False)  # parses the metadata block back: a malformed card fails here
     return text
 
