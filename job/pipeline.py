@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, cloud, data, disk, hub, memory, model, outputs, sample, webhook
+from job import builtin, card, checkpoint, cloud, comfyui, data, disk, hub, memory, model, outputs, sample, webhook
 from job.cache import TensorCache, component_identity
 from job.config import Settings, datasets
 from job.distributed import SINGLE, Context, Ranks, started
@@ -259,6 +259,8 @@ def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: 
     with trainer.final_weights():
         model.save_adapter(trainer.network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
         final_images = validator.render(trainer.step, final=True)
+    comfyui.write(out / outputs.ADAPTER_FILE, out / outputs.comfyui_file(o.hub_model_id or out.name),
+                  trainer.transformer, enabled=o.export_comfyui)
     sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
     resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}
