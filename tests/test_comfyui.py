@@ -1,7 +1,7 @@
 """The adapter's ComfyUI copy: its keys are `transformer.<dotted path>.<LyCORIS suffix>` of the diffusers transformer's
 Linears, it holds the LyCORIS file's tensors and metadata, and ComfyUI's LoKr maths applied by those names gives the
-weights LyCORIS's own `merge_to` gives. On the tiny model (whole merges) and on the real AuraFlow shape (meta device;
-merges of one layer of each weight shape)."""
+model LyCORIS's forward computes and the weights its `merge_to` gives. On the tiny model (whole models) and on the
+real AuraFlow shape (meta device; merges of one layer of each weight shape)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -23,7 +23,7 @@ ALL_LINEAR = {"target_module": ["AuraFlowTransformer2DModel"]}  # the whole mode
 PRESETS = {
     "seed-attention": SEED_LYCORIS_CONFIG,
     "demo-all-linear": DEMO_LYCORIS,
-    # both factors split into rank-2 products with alpha != rank: ComfyUI's alpha/rank scale is not 1 here
+    # w2 stored split as a rank-2 product (w1, 4x4, is too small to split), alpha 3: ComfyUI's alpha/rank scale is 1.5
     "low-rank-all-linear": {"algo": "lokr", "linear_dim": 2, "linear_alpha": 3, "factor": 4, "decompose_both": True,
                             "apply_preset": ALL_LINEAR},
 }
