@@ -334,6 +334,8 @@ class OutputSettings:
     tracker_project_name: str = opt("auraflow-lokr", "Tracker project name")
     tracker_run_name: str = opt("", "Tracker run name (default: derived from HUB_MODEL_ID or OUTPUT_DIR)")
     webhook_url: str = opt("", "POST progress events here (Discord webhooks get Discord's format)")
+    export_comfyui: bool = opt("true", "Also write (and push) <name>_comfyui.safetensors: the adapter with the key "
+                               "names ComfyUI loads for AuraFlow")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, cloud, data, disk, hub, memory, model, outputs, sample, webhook
+from job import builtin, card, checkpoint, cloud, comfyui, data, disk, hub, memory, model, outputs, sample, webhook
 from job.config import Settings, datasets
 from job.distributed import Context, Ranks, started
 from job.errors import ConfigError, Interrupted, JobError
@@ -269,6 +269,8 @@ def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: 
     with trainer.final_weights():
         model.save_adapter(trainer.network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
         final_images = validator.render(trainer.step, final=True)
+    comfyui.write(out / outputs.ADAPTER_FILE, out / outputs.comfyui_file(output.hub_model_id or out.name),
+                  trainer.transformer, enabled=output.export_comfyui)
     sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
     resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}

@@ -334,6 +334,11 @@ def test_train_with_group_offload_to_disk_gives_the_same_adapter(tiny_model, bas
     log, got = _run(tiny_model, data, tmp_path / "out", enable_group_offload="true", group_offload_to_disk_path=spill,
                     group_offload_type="block_level", group_offload_use_stream="true", gradient_checkpointing="false")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # the ComfyUI copy, renamed from the quantised, offloaded transformer's module list: the same tensors
+    comfy = load_file(str(tmp_path / "out" / "out_comfyui.safetensors"))
+    flat = {k: f"lycoris_{k.removeprefix('transformer.').rpartition('.')[0].replace('.', '_')}."
+               f"{k.rpartition('.')[2]}" for k in comfy}
+    assert sorted(flat.values()) == sorted(want) and all(torch.equal(comfy[k], want[flat[k]]) for k in comfy)
     assert "group offload:" in log and "GRADIENT_CHECKPOINTING" in log  # turned on, and said so
     assert "streams need a CUDA GPU" in log
     assert spill.is_dir() and list(spill.iterdir()) == []  # the run's offload folder is gone
