@@ -488,11 +488,13 @@ def test_seed_config_json_with_its_data_backend_config_is_honoured(tmp_path):
     assert camera.cache_dir_vae == str(tmp_path / "cache/vae/auraflow/pseudo-camera-10k")
     assert (subject.caption_strategy, subject.instance_prompt, subject.repeats, subject.crop) == (
         "instanceprompt", "the name of your subject goes here", 1000, False)
+    assert (camera.regularisation, subject.regularisation) == (True, False)  # parent-teacher, as SimpleTuner means it
     # every seed key without an effect here is named in a warning, none silently dropped
     named = " ".join(warnings)
     for key in ("maximum_image_size", "target_downsample_size", "metadata_backend", "skip_file_discovery",
-                "is_regularisation_data", "write_batch_size", "default"):
+                "write_batch_size", "default"):
         assert key in named, key
+    assert "is_regularisation_data" not in named
 
 
 def test_data_backend_config_problems_name_the_entry(tmp_path):
