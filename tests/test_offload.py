@@ -497,3 +497,31 @@ def test_weights_spilled_to_disk_leave_host_ram():
     assert r.returncode == 0, r.stderr[-3000:]
     weights, freed = map(int, r.stdout.split()[-2:])
     assert weights > 70e6 and freed > 0.8 * weights, (weights, freed)
+
+
+def regularised_grads(tr, net) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-row losses and adapter gradients of a batch with one regularisation row (a teacher forward first)."""
+    from job.loss import Batch, batch_loss
+
+    with torch.no_grad():
+        for p in net.parameters():  # a non-zero delta, so the teacher's target differs from the student's output
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    x, e, _ = batch("SMALL", 0)
+    g = torch.Generator().manual_seed(5)
+    sigmas, noise = torch.rand(2, generator=g), torch.randn(x.shape, generator=g)
+    rows = batch_loss(tr, Batch(x, e, regularisation=torch.tensor([False, True])), sigmas, noise, CPU,
+                      torch.float32, net)
+    rows.sum().backward()
+    return rows.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
+def test_the_regularisation_teacher_forward_under_offload_equals_the_reference(disk, tmp_path):
+    ref_rows, ref_grads = regularised_grads(*build("int8-quanto", True)[:2])
+    tr, net, off = build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path) if disk else ""))
+    r = Residency(off)
+    rows, grads = regularised_grads(tr, net)
+    assert torch.equal(rows, ref_rows) and ref_rows[1] > 0
+    assert_bit_exact([ref_grads], [grads])
+    assert r.resident == set()  # the teacher's forward left nothing loaded behind
+    off.close()
