@@ -646,11 +646,7 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
             text_dir = str(entry.get("cache_dir", ""))
             ignored |= {k for k in entry if k in _BACKEND_IGNORED}
             continue
-        if entry.get("type", "local") != "local":
-            problems.append(f"{where}.type={entry['type']!r}: only local folders are supported")
-        folder = str(entry.get("instance_data_dir", ""))
-        if not folder or not Path(folder).expanduser().is_dir():
-            problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
+        folder = _local_folder(entry, where, problems, "only local folders are supported")
         mask_dir = ""
         if "conditioning_data" in entry:
             ref = entry["conditioning_data"]
@@ -711,13 +707,19 @@ def _mask_datasets(entries: list, problems: list[str]) -> dict[str, str]:
             problems.append(f"{where}.conditioning_type={entry.get('conditioning_type')!r}: only mask conditioning "
                             "(masked loss) is supported")
             continue
-        if entry.get("type", "local") != "local":
-            problems.append(f"{where}.type={entry['type']!r}: masks must be a local folder")
-        folder = str(entry.get("instance_data_dir", ""))
-        if not folder or not Path(folder).expanduser().is_dir():
-            problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
-        masks[str(entry.get("id", f"dataset-{n}"))] = folder
+        masks[str(entry.get("id", f"dataset-{n}"))] = _local_folder(entry, where, problems,
+                                                                    "masks must be a local folder")
     return masks
+
+
+def _local_folder(entry: dict, where: str, problems: list[str], other_types: str) -> str:
+    """An entry's `instance_data_dir`, which must be an existing local folder."""
+    if entry.get("type", "local") != "local":
+        problems.append(f"{where}.type={entry['type']!r}: {other_types}")
+    folder = str(entry.get("instance_data_dir", ""))
+    if not folder or not Path(folder).expanduser().is_dir():
+        problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
+    return folder
 
 
 def lycoris_problems(cfg: dict) -> list[str]:
