@@ -2,19 +2,27 @@
 
 A folder named `checkpoint-<step>` exists only once everything inside it is on disk, so a crash
 mid-write leaves a hidden temporary folder (cleaned up next time), never a checkpoint that lies.
+`choose` resolves RESUME_FROM_CHECKPOINT and reads the checkpoint once, setting damaged ones aside.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from job.errors import ConfigError
+
+log = logging.getLogger("job")
 
 _NAME = re.compile(r"checkpoint-(\d+)")
 ADAPTER = "adapter.safetensors"
@@ -91,6 +99,20 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+@dataclass
+class Loaded:
+    """A checkpoint read from disk: what Trainer resumes from."""
+
+    path: Path
+    adapter: dict[str, torch.Tensor]
+    state: dict[str, Any]  # optimizer, scheduler, EMA, each rank's RNG
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
     adapter = load_file(str(path / ADAPTER))
     state = torch.load(path / STATE, map_location="cpu", weights_only=True)
@@ -105,3 +127,31 @@ def rotate(root: Path, limit: int) -> list[Path]:
     for p in doomed:
         _remove(p)
     return doomed
+
+
+def choose(setting: str, folder: Path, remote: Callable[[], Path | None] | None = None) -> Loaded | None:
+    """RESUME_FROM_CHECKPOINT, resolved and read: "none"; "latest" (the newest in `folder`, else what `remote`
+    fetches: a fresh pod after preemption finds its checkpoints on the Hub); or a checkpoint name or path."""
+    if setting == "none":
+        return None
+    if setting == "latest":
+        path = latest(folder) or (remote() if remote else None)
+    else:
+        path = folder / setting if (folder / setting).is_dir() else Path(setting)
+        if not path.is_dir():
+            raise ConfigError([f"RESUME_FROM_CHECKPOINT={setting!r}: no such checkpoint"])
+    return _readable(path)
+
+
+def _readable(path: Path | None) -> Loaded | None:
+    """`path` read, or when its files cannot be read (a disk fault, a crash), set aside and the one before it
+    tried. One that reads but does not fit the model is an error, not damage (Trainer's resume says so)."""
+    while path is not None:
+        try:
+            return Loaded(path, *load(path))
+        except Exception as e:  # torch/safetensors raise many kinds for a damaged file
+            aside = path.with_name(path.name + ".unreadable")
+            path.replace(aside)
+            log.warning("checkpoint %s cannot be read (%s); set aside as %s", path.name, type(e).__name__, aside.name)
+            path = latest(path.parent)
+    return None

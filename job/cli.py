@@ -106,14 +106,20 @@ def _rank_env(raw: dict[str, str | None], config_file: str | None) -> dict[str, 
     return env
 
 
+def register_secrets(raw: dict[str, str | None]) -> None:
+    """Every setting declared secret=True, as given here, masked in every log line from now on."""
+    for spec in config.SPECS:
+        if spec.secret:
+            log.register_secret(raw.get(spec.name))
+
+
 def _run(command: str, given: dict[str, str | None]) -> None:
     rank = int(os.environ.get("RANK", "0"))  # torchrun's, in a process it started
     log.setup(verbose=os.environ.get("JOB_VERBOSE", "") not in ("", "0"), rank=rank)
     _allocator_defaults()
     raw = _raw_values(given)
     config_file = raw.pop("config_file", None)
-    for name in ("hf_token", "wandb_api_key"):
-        log.register_secret(raw.get(name) or "")
+    register_secrets(raw)
     _export_library_vars(raw)
     creds = cloud.Credentials.from_env(os.environ)
     log.register_secret(creds.api_key)

@@ -72,10 +72,10 @@ class Context:
             raise RankZeroFailed(box[0][1], box[0][2])
         return box[0][1]
 
-    def hook(self, due: Callable[[int], bool], work: Callable[[int], T] | None) -> Callable[[int], T | None]:
-        """A per-step hook whose `work` only rank 0 does (the others pass None); on the steps it is `due`, the
-        others wait for it, so the next step's collectives never wait on a validation round."""
-        return lambda step: self.main_only(lambda: work(step)) if due(step) else None
+    def hook(self, due: Callable[[int], bool], work: Callable[[Any], T]) -> Callable[[Any], T | None]:
+        """A Trainer hook whose `work` only rank 0 does: on the steps it is `due`, the others wait for it, so the
+        next step's collectives never wait on a validation round."""
+        return lambda trainer: self.main_only(lambda: work(trainer)) if due(trainer.step) else None
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -118,22 +118,22 @@ class Context:
         dist.broadcast(flat, src=0)
         _unflat(flat, params)
 
-    def average_gradients(self, params: Sequence[torch.nn.Parameter], loss: float) -> float:
-        """The mean over ranks of the adapter gradients and of the loss, in one all-reduce (the frozen base has no
+    def average_gradients(self, params: Sequence[torch.nn.Parameter], losses: list[float]) -> list[float]:
+        """The mean over ranks of the adapter gradients and of the losses, in one all-reduce (the frozen base has no
         gradients, so it never travels). Each rank's loss is the mean over its equal share of the global batch,
-        so this is the gradient one process would get from the whole global batch. Returns the mean loss."""
+        so this is the gradient one process would get from the whole global batch. Returns the mean losses."""
         if self.world == 1:
-            return loss
+            return losses
         import torch.distributed as dist
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([_flat(grads), torch.tensor([loss], dtype=torch.float32, device=self._collective_device)])
+        flat = torch.cat([_flat(grads), torch.tensor(losses, dtype=torch.float32, device=self._collective_device)])
         dist.all_reduce(flat)
         flat /= self.world
         for p, g in zip(params, grads):
             p.grad = g
-        _unflat(flat[:-1], grads)
-        return float(flat[-1])
+        _unflat(flat[:-len(losses)], grads)
+        return flat[-len(losses):].tolist()
 
     def agree_stop(self, signum: int | None) -> int | None:
         """A stop request seen by any rank stops them all at the same step (the signal reaches them at different

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from job.errors import HubAccessError, PushError
+from job.outputs import comfyui_file
 
 log = logging.getLogger("job")
 T = TypeVar("T")
@@ -209,8 +210,13 @@ def pull_dataset(ref: str, revision: str, token: str, attempts: int = 3) -> Pull
 
 # ---------------------------------------------------------------- pushes
 
+def pushed(repo: str) -> list[str]:
+    """What the push takes from OUTPUT_DIR: the ComfyUI copy by its exact name, so no other file is caught."""
+    return [*PUSHED, comfyui_file(repo)]
+
+
 def push_command(out: Path, repo: str) -> str:
-    includes = " ".join(f"--include '{p}'" for p in PUSHED)
+    includes = " ".join(f"--include '{p}'" for p in pushed(repo))
     return f"hf upload {repo} {out} . {includes} --commit-message 'LoKr adapter'"
 
 
@@ -222,7 +228,8 @@ def push(out: Path, repo: str, *, token: str, private: bool, attempts: int) -> s
     api = HfApi(token=token)
     try:
         retry("create repo", lambda: api.create_repo(repo, private=private, exist_ok=True), attempts)
-        info = retry("upload", lambda: api.upload_folder(repo_id=repo, folder_path=str(out), allow_patterns=PUSHED,
+        info = retry("upload", lambda: api.upload_folder(repo_id=repo, folder_path=str(out),
+                                                         allow_patterns=pushed(repo),
                                                          commit_message="LoKr adapter, samples and model card"),
                      attempts)
     except Exception as e:

@@ -11,6 +11,12 @@ from job.errors import ConfigError
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 
 
+def comfyui_file(repo: str) -> str:
+    """The ComfyUI copy's name, after the output repo (or OUTPUT_DIR's folder): ComfyUI lists LoRAs by file name,
+    where a second `pytorch_lora_weights` would say nothing."""
+    return f"{repo.rstrip('/').split('/')[-1] or 'adapter'}_comfyui.safetensors"
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

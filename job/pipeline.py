@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, cloud, data, disk, hub, memory, model, outputs, sample, webhook
-from job.cache import TensorCache, component_identity
+from job import builtin, card, checkpoint, cloud, comfyui, data, disk, hub, memory, model, outputs, sample, webhook
 from job.config import Settings, datasets
-from job.distributed import SINGLE, Context, Ranks, started
-from job.errors import ConfigError, DataError, Interrupted, JobError
+from job.distributed import Context, Ranks, started
+from job.errors import ConfigError, Interrupted, JobError
 from job.log import MetricsSink, NullSink, StatusFile, Tracker, make_tracker, quiet_libraries
+from job.loss import eval_loss
 from job.signals import StopFlag
-from job.train import Trainer, eval_loss
+from job.train import Trainer
 
 log = logging.getLogger("job")
 
@@ -112,18 +112,18 @@ def pod_action(action: str, creds: cloud.Credentials, out: Path) -> None:
         outputs.mark_pod_action_done(out)
 
 
-def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Geometry:
+def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Grid:
     """Everything that can be refused before weights move: Hub access, device needs, the model's patch grid."""
     problems = model.device_problems(s, device)
     if problems:
         raise ConfigError(problems)
-    o, specs = s.output, datasets(s)[0]
+    output, specs = s.output, datasets(s)[0]
     hub.preflight(token=s.access.hf_token, model=(s.model_id, s.model.model_revision),
                   datasets=[(spec.source, s.data.dataset_revision) for spec in specs],
-                  output_repo=o.hub_model_id if o.push_to_hub else None, attempts=o.hub_retries)
-    config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries)
-    geo = model.read_geometry(config_dir)
-    problems += model.geometry_problems(s, geo, [spec.resolution for spec in specs])
+                  output_repo=output.hub_model_id if output.push_to_hub else None, attempts=output.hub_retries)
+    config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, output.hub_retries)
+    geo = model.read_grid(config_dir)
+    problems += model.resolution_problems(s, geo, [spec.resolution for spec in specs])
     adapter_problems, adapter_params, size = model.adapter_check(config_dir, s.adapter.lycoris_config)
     problems += adapter_problems
     if not problems:
@@ -133,13 +133,13 @@ def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Ge
             log.warning("%s", warning)
     if problems:
         raise ConfigError(problems)
-    t = s.training
+    training = s.training
     log.info("plan: %s → LoKr (%s), %s × batch %d × accumulation %d × %d process%s = effective batch %d on %s, %s, "
              "base %s; output %s%s", s.model_id, s.adapter.lycoris_config.get("algo"),
-             f"{t.max_train_steps} steps" if t.max_train_steps else f"{t.num_train_epochs} epochs", t.train_batch_size,
-             t.gradient_accumulation_steps, processes, "es" if processes > 1 else "",
-             t.train_batch_size * t.gradient_accumulation_steps * processes, device.type, t.mixed_precision,
-             t.base_model_precision, s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
+             f"{training.max_train_steps} steps" if training.max_train_steps else f"{training.num_train_epochs} epochs", training.train_batch_size,
+             training.gradient_accumulation_steps, processes, "es" if processes > 1 else "",
+             training.train_batch_size * training.gradient_accumulation_steps * processes, device.type, training.mixed_precision,
+             training.base_model_precision, s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
     report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs), processes)
     return geo
 
@@ -147,10 +147,10 @@ def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Ge
 def report_memory(s: Settings, device: torch.device, size, adapter_params: int, resolution: int,
                   processes: int = 1) -> None:
     """The predicted peak accelerator memory and host RAM, with a warning where they exceed what this machine has."""
-    m = s.memory
+    mem = s.memory
     est = model.memory_estimate(s, size, adapter_params, resolution, device)
-    offload = (f"group offload {m.group_offload_type}" + (", stream" if model.use_stream(s, device) else "")
-               if m.enable_group_offload else "model CPU offload" if m.enable_model_cpu_offload else "no offload")
+    offload = (f"group offload {mem.group_offload_type}" + (", stream" if model.use_stream(s, device) else "")
+               if mem.enable_group_offload else "model CPU offload" if mem.enable_model_cpu_offload else "no offload")
     log.info("memory: %s at %d px, batch %d, %s", est.describe(), resolution, s.training.train_batch_size, offload)
     if device.type == "cuda":
         total = torch.cuda.mem_get_info()[1]
@@ -171,35 +171,42 @@ def report_memory(s: Settings, device: torch.device, size, adapter_params: int, 
                     "training" if host.train > host.load else "loading the transformer", remedy)
 
 
-def train(s: Settings, ctx: Context, geo: model.Geometry, status: StatusFile, notify) -> Callable[[], None]:
+def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notify) -> Callable[[], None]:
     """Every rank: pull (rank 0 alone), cache (each rank its share), train. Returns what rank 0 does next, alone:
     publishing the results."""
     out = Path(s.output.output_dir)
-    device = ctx.device
+    device, training, output = ctx.device, s.training, s.output
     stop = StopFlag().install()
-    t = s.training
-    o = s.output
     status.update(phase="download")
-    pulled = ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries))
+    pulled = ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token,
+                                                  output.hub_retries))
     model_dir = pulled.path
 
-    # data: every dataset discovered, latents and text embeddings cached (encoders freed after)
-    samples, cache_dirs, text_dir, sources = gather_samples(s, geo, out, ctx)
+    # data: every dataset pulled and discovered, latents and text embeddings cached (encoders freed after)
+    specs, text_dir, _, warnings = datasets(s)
+    for warning in warnings if ctx.is_main else []:
+        log.warning("%s", warning)
+    copies = [ctx.main_only(lambda spec=spec: hub.pull_dataset(spec.source, s.data.dataset_revision, s.access.hf_token,
+                                                               output.hub_retries)) for spec in specs]
+    sources = [(spec.source, copy.commit) for spec, copy in zip(specs, copies)]
+    samples, cache_dirs = data.discover_all(specs, [copy.path for copy in copies], grid, out)
     status.update(phase="caching")
     t0 = time.monotonic()
-    samples, latents_of = cache_latents(model_dir, samples, cache_dirs, s.data.vae_batch_size, device, ctx)
-    plan = data.make_plan(samples, t.train_batch_size, t.seed, ctx.world)
+    samples, latents_of = data.encode_images(model_dir, samples, cache_dirs, s.data.vae_batch_size, device, ctx)
+    masks_of = data.encode_masks(samples, latents_of, grid.vae_scale_factor, ctx)
+    plan = data.make_plan(samples, training.train_batch_size, training.seed, ctx.world)
     fallback = samples[0].captions[0]  # validation prompt when none is configured
-    text_cache, text_keys = cache_text(model_dir, samples, sample.prompts_to_cache(s, fallback), text_dir, device,
-                                       ctx)
+    captions = [c for smp in samples for c in smp.captions] + [""] + sample.prompts_to_cache(s, fallback)
+    text_cache, text_keys = data.encode_captions(model_dir, captions, Path(text_dir) if text_dir else out / "cache" / "text",
+                                                 device, ctx)
+    cached = data.Cached(samples, latents_of, text_cache, text_keys, masks_of)
     log.info("caching done in %.1fs", time.monotonic() - t0)
-    fetch = data.batch_fetcher(plan, latents_of, text_cache, text_keys, s.data.caption_dropout_probability,
-                               ctx.rows(t.train_batch_size))
 
     # model: frozen base + LoKr (seeded, so a fresh run's adapter init is reproducible)
-    total = t.max_train_steps or t.num_train_epochs * max(1, plan.batches_per_epoch // t.gradient_accumulation_steps)
+    total = training.max_train_steps or training.num_train_epochs * max(
+        1, plan.batches_per_epoch // training.gradient_accumulation_steps)
     transformer = model.load_transformer(model_dir, s, device)  # each rank its own, on its own GPU
-    torch.manual_seed(t.seed)
+    torch.manual_seed(training.seed)
     network = model.create_adapter(transformer, s.adapter.lycoris_config, model.train_dtype(s), device)
     ctx.broadcast_params(list(network.parameters()))
     log.info("adapter: %d LyCORIS modules, %d trainable parameters", len(network.loras),
@@ -208,33 +215,34 @@ def train(s: Settings, ctx: Context, geo: model.Geometry, status: StatusFile, no
     offloaded = model.offload_transformer(transformer, network, s, device, model_dir) if s.memory.enable_group_offload \
         else None
 
-    uploader = (hub.CheckpointUploader(o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
-                                       limit=s.checkpoints.checkpoints_total_limit, attempts=o.hub_retries)
-                if o.push_checkpoints_to_hub and ctx.is_main else None)
-    trainer = Trainer(transformer, network, fetch, t, total, geo.patch_size, device, model.train_dtype(s),
-                      out / "checkpoints", s.checkpoints.checkpoint_step_interval,
-                      s.checkpoints.checkpoints_total_limit, should_stop=stop, status=status,
-                      on_checkpoint=lambda path: checkpointed(path, uploader, notify), dist=ctx)
-    resume = ctx.main_only(lambda: readable(resume_point(s, out / "checkpoints")))  # rank 0 sets damaged ones aside
-    if resume:
-        trainer.resume(resume)
+    # side concerns, each rank-0's: checkpoint uploads, validation rounds, trackers, metrics (see Context.hook)
+    uploader = (hub.CheckpointUploader(output.hub_model_id, token=s.access.hf_token, private=output.hub_private,
+                                       limit=s.checkpoints.checkpoints_total_limit, attempts=output.hub_retries)
+                if output.push_checkpoints_to_hub and ctx.is_main else None)
+    resume = ctx.main_only(lambda: checkpoint.choose(s.checkpoints.resume_from_checkpoint, out / "checkpoints",
+                                                     remote_checkpoints(s, out / "checkpoints")))
     validator, tracker = None, Tracker()
-    if ctx.is_main:  # validation rounds and trackers: rank 0's, while the others wait (see Context.hook)
+    if ctx.is_main:
         validator = sample.Validator(s, out, transformer, model.load_vae(model_dir, device),
-                                     model.load_scheduler(model_dir), lambda prompt: text_cache.get(text_keys[prompt]),
-                                     device, fallback,
+                                     model.load_scheduler(model_dir), cached.embeds, device, fallback,
                                      park_vae=s.memory.offload_during_startup or s.memory.enable_model_cpu_offload,
                                      park_transformer=s.memory.enable_model_cpu_offload)
-        tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
-                               o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
+        tracker = make_tracker(output.report_to, out, s.public_dict(), output.tracker_project_name,
+                               output.tracker_run_name or Path(output.hub_model_id or out.resolve()).name)
     rounds = s.validation.validation_step_interval if sample.validation_jobs(s, fallback) else 0
-    trainer.hooks = [
-        ctx.hook(every(s.validation.eval_steps_interval),
-                 evaluator(s, trainer, samples, latents_of, text_cache, text_keys) if ctx.is_main else None),
-        ctx.hook(every(rounds), lambda step: validate(trainer, validator, step, notify, tracker)),
-    ]
-    trainer.metrics = (MetricsSink(out / "metrics.jsonl", resume_step=trainer.step, tracker=tracker) if ctx.is_main
-                       else NullSink())
+    eval_batches = (cached.eval_batches(s.validation.num_eval_images)
+                    if ctx.is_main and s.validation.eval_steps_interval else [])
+    trainer = Trainer(
+        transformer=transformer, network=network, t=training, total_steps=total, patch_size=grid.patch_size,
+        device=device, dtype=model.train_dtype(s), dist=ctx,
+        fetch=cached.fetcher(plan, s.data.caption_dropout_probability, ctx.rows(training.train_batch_size)),
+        checkpoint_dir=out / "checkpoints", checkpoint_interval=s.checkpoints.checkpoint_step_interval,
+        checkpoints_total_limit=s.checkpoints.checkpoints_total_limit, resume_from=resume,
+        hooks=[ctx.hook(every(s.validation.eval_steps_interval), lambda tr: eval_metrics(tr, eval_batches)),
+               ctx.hook(every(rounds), lambda tr: validate(tr, validator, tr.step, notify, tracker))],
+        metrics=(MetricsSink(out / "metrics.jsonl", resume_step=resume.step if resume else 0, tracker=tracker)
+                 if ctx.is_main else NullSink()),
+        should_stop=stop, status=status, on_checkpoint=lambda path: checkpointed(path, uploader, notify))
     status.update(phase="training", step=trainer.step, total_steps=total)
     notify.send("started", f"training {s.model_id} on {', '.join(ref for ref, _ in sources)}: "
                            f"{len(samples)} images, steps {trainer.step}→{total}", step=trainer.step, total_steps=total)
@@ -247,31 +255,35 @@ def train(s: Settings, ctx: Context, geo: model.Geometry, status: StatusFile, no
         trainer.metrics.close()
         if uploader:
             uploader.wait(timeout=UPLOAD_GRACE_S)  # a stopped pod gets its last checkpoint onto the Hub
-    return functools.partial(publish, s, trainer, validator, pulled, sources, total, status, notify, offloaded)
+    regularisation = tuple(spec.source for spec in specs if spec.regularisation)
+    return functools.partial(publish, s, trainer, validator, pulled, sources, total, status, notify, offloaded,
+                             regularisation)
 
 
 def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: hub.Pulled, sources, total: int,
-            status: StatusFile, notify, offloaded=None) -> None:
+            status: StatusFile, notify, offloaded=None, regularisation: tuple[str, ...] = ()) -> None:
     """The adapter (EMA weights when on), final samples, loss plot, resolved settings, model card, push, and last
     the completion record."""
-    out, o = Path(s.output.output_dir), s.output
+    out, output = Path(s.output.output_dir), s.output
     status.update(phase="sampling")
     with trainer.final_weights():
         model.save_adapter(trainer.network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
         final_images = validator.render(trainer.step, final=True)
+    comfyui.write(out / outputs.ADAPTER_FILE, out / outputs.comfyui_file(output.hub_model_id or out.name),
+                  trainer.transformer, enabled=output.export_comfyui)
     sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
     resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})
-    card.write(out / "README.md", card.render(s, repo=o.hub_model_id or out.name, model_commit=pulled.commit,
-                                              datasets=sources, steps_done=trainer.step,
+    card.write(out / "README.md", card.render(s, repo=output.hub_model_id or out.name, model_commit=pulled.commit,
+                                              datasets=sources, steps_done=trainer.step, regularisation=regularisation,
                                               samples=[(f"samples/{p.name}", prompt) for p, prompt in validator.finals()]))
     log.info("done: %s", out / outputs.ADAPTER_FILE)
     pushed = None
-    if o.push_to_hub:
+    if output.push_to_hub:
         status.update(phase="push")
-        pushed = hub.push(out, o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
-                          attempts=o.hub_retries)
+        pushed = hub.push(out, output.hub_model_id, token=s.access.hf_token, private=output.hub_private,
+                          attempts=output.hub_retries)
     if offloaded:
         offloaded.close()
     # last: a restart with these settings exits at once
@@ -286,33 +298,31 @@ def every(n: int) -> Callable[[int], bool]:
 
 
 def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]:
-    """What this run will write where: model and dataset downloads, caches, checkpoints, samples."""
-    o, r = s.output, s.output.hub_retries
-    hf, out = hub.cache_folder(), Path(o.output_dir)
-    needs = []
+    """The facts disk.run_needs sums: what is still to download (asked of the Hub) and how many images."""
+    retries = s.output.hub_retries
+    model_download = None
     if not hub.local_folder(s.model_id):
-        pending, _ = hub.pending_download(s.model_id, s.model.model_revision, s.access.hf_token, "model",
-                                          hub.MODEL_FILES, r)
-        needs.append(disk.Need(hf, "model download", pending))
+        model_download, _ = hub.pending_download(s.model_id, s.model.model_revision, s.access.hf_token, "model",
+                                                 hub.MODEL_FILES, retries)
+    plans = []
     for spec in specs:
+        download = None
         if folder := hub.local_folder(spec.source):
-            images = sum(1 for p in folder.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
+            files = [p.name for p in folder.rglob("*")]
         else:
-            pending, files = hub.pending_download(spec.source, s.data.dataset_revision, s.access.hf_token, "dataset",
-                                                  None, r)
-            needs.append(disk.Need(hf, f"dataset {spec.source}", pending))
-            images = sum(1 for f in files if Path(f).suffix.lower() in data.IMAGE_SUFFIXES)
-        cache = Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"
-        needs.append(disk.Need(cache, "latent cache", disk.latent_bytes(spec.resolution, images)))
-        needs.append(disk.Need(out / "cache" / "text", "text-embedding cache", disk.text_bytes(images + 32)))
-    if s.memory.enable_group_offload and s.memory.group_offload_to_disk_path:
-        from job.memory import weight_bytes
-
-        needs.append(disk.Need(Path(s.memory.group_offload_to_disk_path), "group offload files",
-                               int(weight_bytes(size, s.training.base_model_precision, s.training.mixed_precision))))
-    needs.append(disk.Need(out, "checkpoints", disk.checkpoint_bytes(adapter_params,
-                                                                    s.checkpoints.checkpoints_total_limit)))
-    return needs
+            download, files = hub.pending_download(spec.source, s.data.dataset_revision, s.access.hf_token, "dataset",
+                                                   None, retries)
+        images = sum(1 for f in files if Path(f).suffix.lower() in data.IMAGE_SUFFIXES)
+        latent_cache = Path(spec.cache_dir_vae) if spec.cache_dir_vae else Path(s.output.output_dir) / "cache" / "vae"
+        plans.append(disk.DatasetPlan(spec.source, download, images, spec.resolution, latent_cache))
+    mem = s.memory
+    offload_folder = Path(mem.group_offload_to_disk_path) if mem.enable_group_offload and mem.group_offload_to_disk_path \
+        else None
+    return disk.run_needs(hf_home=hub.cache_folder(), out=Path(s.output.output_dir), model_download=model_download,
+                          datasets=plans, offload_folder=offload_folder,
+                          offload_bytes=int(memory.weight_bytes(size, s.training.base_model_precision,
+                                                                s.training.mixed_precision)) if offload_folder else 0,
+                          adapter_params=adapter_params, keep_checkpoints=s.checkpoints.checkpoints_total_limit)
 
 
 def validate(trainer: Trainer, validator: sample.Validator, step: int, notify, tracker) -> None:
@@ -329,106 +339,14 @@ def checkpointed(path: Path, uploader, notify) -> None:
     notify.send("checkpoint", f"{path.name} saved", step=checkpoint.step_of(path), path=str(path))
 
 
-def evaluator(s: Settings, trainer: Trainer, samples, latents_of, text_cache, text_keys) -> Callable[[int], dict]:
+def eval_metrics(trainer: Trainer, batches: list) -> dict:
     """The stable eval loss on the first NUM_EVAL_IMAGES training images (every EVAL_STEPS_INTERVAL steps)."""
-    if not s.validation.eval_steps_interval:
-        return lambda step: {}
-    batches = [(latents_of[i][0].get(latents_of[i][1]).unsqueeze(0),
-                text_cache.get(text_keys[samples[i].captions[0]]).unsqueeze(0))
-               for i in range(min(s.validation.num_eval_images, len(samples)))]
-    return lambda step: {"eval_loss": eval_loss(trainer.transformer, batches, trainer.device, trainer.dtype)}
+    return {"eval_loss": eval_loss(trainer.transformer, batches, trainer.device, trainer.dtype)} if batches else {}
 
 
-def gather_samples(s: Settings, geo: model.Geometry, out: Path, ctx: Context = SINGLE):
-    """Every dataset pulled (by rank 0) and discovered with its own geometry: (samples, each one's latent cache
-    folder, the text-embedding cache folder, (source, commit) of each dataset)."""
-    specs, text_dir, _, warnings = datasets(s)
-    for w in warnings if ctx.is_main else []:
-        log.warning("%s", w)
-    samples, cache_dirs, sources = [], [], []
-    for spec in specs:
-        pulled = ctx.main_only(lambda spec=spec: hub.pull_dataset(spec.source, s.data.dataset_revision,
-                                                                  s.access.hf_token, s.output.hub_retries))
-        folder = pulled.path
-        sources.append((spec.source, pulled.commit))
-        g = data.Geometry(spec.resolution, spec.resolution_type, spec.crop, spec.crop_style, spec.crop_aspect,
-                          geo.pixel_step, int(geo.pos_embed_max_size ** 0.5) * geo.pixel_step)
-        found = data.discover(folder, spec.caption_strategy, spec.instance_prompt, g, repeats=spec.repeats,
-                              minimum_image_size=spec.minimum_image_size)
-        samples += found
-        cache_dirs += [Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"] * len(found)
-    return samples, cache_dirs, Path(text_dir) if text_dir else out / "cache" / "text", sources
-
-
-def cache_latents(model_dir: Path, samples, cache_dirs: list[Path], batch_size: int, device: torch.device,
-                  ctx: Context = SINGLE):
-    """(the samples whose images decoded, their index → (cache, key)). The VAE lives only inside this call:
-    loaded once, used for what the caches lack, freed on return. Each rank encodes its share."""
-    vae = model.load_vae(model_dir, device)
-    identity = component_identity(model_dir, "vae")
-    latents_of = {}
-    for folder in dict.fromkeys(cache_dirs):
-        idx = [i for i, d in enumerate(cache_dirs) if d == folder]
-        cache = TensorCache(folder, identity)
-        keys = data.cache_latents([samples[i] for i in idx], cache, functools.partial(model.encode_latents, vae),
-                                  batch_size, mine=ctx.share)
-        latents_of.update({idx[j]: (cache, key) for j, key in keys.items()})
-    del vae
-    model.release(device)
-    if ctx.world > 1:
-        ctx.barrier()  # every share is encoded; what is still missing could not be decoded by its rank
-        latents_of = {i: (cache, key) for i, (cache, key) in latents_of.items() if cache.has(key)}
-    kept = sorted(latents_of)
-    if not kept:
-        raise DataError("no image could be decoded in any dataset")
-    return [samples[i] for i in kept], {n: latents_of[i] for n, i in enumerate(kept)}
-
-
-def cache_text(model_dir: Path, samples, extra: list[str], folder: Path, device: torch.device,
-               ctx: Context = SINGLE):
-    """Likewise the text encoder: training captions, the empty prompt (caption dropout) and the validation
-    prompts, so sampling never needs the encoder again."""
-    text_pipe = model.load_text_encoder(model_dir, device)
-    cache = TensorCache(folder, f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
-    captions = [c for smp in samples for c in smp.captions] + [""] + extra
-    keys = data.cache_text(captions, cache, functools.partial(encode_text, text_pipe, device),
-                           mine=ctx.share)
-    del text_pipe
-    model.release(device)
-    ctx.barrier()  # every rank's share is written
-    return cache, keys
-
-
-def encode_text(text_pipe, device: torch.device, captions: list[str]) -> torch.Tensor:
-    return model.encode_prompts(text_pipe, captions, device).cpu()
-
-
-def readable(path: Path | None) -> Path | None:
-    """`path`, or when its files cannot be read (a disk fault, a crash in an older version), set aside and the one
-    before it tried. One that reads but does not fit the model is an error, not damage (Trainer.resume)."""
-    while path is not None:
-        try:
-            checkpoint.load(path)
-            return path
-        except Exception as e:  # torch/safetensors raise many kinds for a damaged file
-            aside = path.with_name(path.name + ".unreadable")
-            path.replace(aside)
-            log.warning("checkpoint %s cannot be read (%s); set aside as %s", path.name, type(e).__name__, aside.name)
-            path = checkpoint.latest(path.parent)
-    return None
-
-
-def resume_point(s: Settings, ckpt_dir: Path) -> Path | None:
-    rc, o = s.checkpoints.resume_from_checkpoint, s.output
-    if rc == "none":
+def remote_checkpoints(s: Settings, folder: Path) -> Callable[[], Path | None] | None:
+    """Where RESUME_FROM_CHECKPOINT=latest looks when `folder` has none: the Hub, when checkpoints are pushed."""
+    output = s.output
+    if not (output.push_checkpoints_to_hub and output.hub_model_id):
         return None
-    if rc == "latest":
-        local = checkpoint.latest(ckpt_dir)
-        if local or not (o.push_checkpoints_to_hub and o.hub_model_id):
-            return local
-        return hub.fetch_latest_checkpoint(o.hub_model_id, ckpt_dir, token=s.access.hf_token,
-                                           attempts=o.hub_retries)  # a fresh pod after preemption
-    path = ckpt_dir / rc if (ckpt_dir / rc).is_dir() else Path(rc)
-    if not path.is_dir():
-        raise ConfigError([f"RESUME_FROM_CHECKPOINT={rc!r}: no such checkpoint"])
-    return path
+    return lambda: hub.fetch_latest_checkpoint(output.hub_model_id, folder, token=s.access.hf_token, attempts=output.hub_retries)

@@ -69,10 +69,6 @@ class Validator:
             vae.to("cpu")
         self.rendered = -1  # the step of the last round rendered by this process
 
-    def due(self, step: int) -> bool:
-        n = self.v.validation_step_interval
-        return bool(self.jobs) and n > 0 and step % n == 0
-
     def _embeds(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.embed_of(prompt).unsqueeze(0).to(self.device)
         return e, (e != 0).any(-1).long()  # the pipeline zeroes padded positions; the mask is recovered from that

@@ -25,7 +25,7 @@ from conftest import ALL_LINEAR, ROOT, TINY, clean_env, losses, run_cli
 from job import builtin, data, launch, model
 from job.cache import TensorCache
 from job.errors import ConfigError
-from job.train import flow_loss
+from job.loss import train_loss
 
 SEED = 5
 # accumulation and caption dropout on: each rank's rows must get their own micro-batch draws, step after step
@@ -146,8 +146,8 @@ def test_rank_0_alone_writes_the_outputs(two):
 def test_the_data_split_and_random_draws_match_one_process(dataset):
     """In-process: rank r's rows of each global batch, with the caption dropout, sigmas and noise that one process
     gives those rows."""
-    g = data.Geometry(64, "pixel", True, "center", "square", 4, 64)
-    samples = data.discover(dataset, "textfile", "", g)
+    g = data.Framing(64, "pixel", True, "center", "square", 4, 64)
+    samples = data.discover(data.Folder(dataset, "textfile", ""), g)
     single, split = data.make_plan(samples, 2, SEED), data.make_plan(samples, 1, SEED, processes=2)
     assert [single.micro_batch(i) for i in range(12)] == [split.micro_batch(i) for i in range(12)]
     latents = {i: (type("Cache", (), {"get": staticmethod(lambda k: torch.full((4, 8, 8), float(k)))}), i)
@@ -171,9 +171,9 @@ def test_the_data_split_and_random_draws_match_one_process(dataset):
         draws = []
         for rank, world, rows in ((0, 1, slice(None)), (0, 2, slice(0, 1)), (1, 2, slice(1, 2))):
             gen = torch.Generator().manual_seed(index)
-            x0, emb = fetch(rows)(index, gen)
+            batch = fetch(rows)(index, gen)
             seen.clear()
-            loss = flow_loss(transformer, x0, emb, gen, t, 2, cpu, torch.float32, share=(rank, world))
+            loss = train_loss(transformer, batch, gen, t, 2, cpu, torch.float32, share=(rank, world)).mean()
             draws.append((*seen[0], loss))
         whole, first, second = draws
         for part in range(3):  # noised latents, text embeddings (dropout), timesteps
@@ -182,7 +182,7 @@ def test_the_data_split_and_random_draws_match_one_process(dataset):
 
 
 def test_ranks_encode_disjoint_shares_of_the_cache(dataset, tmp_path):
-    samples = data.discover(dataset, "textfile", "", data.Geometry(64, "pixel", True, "center", "square", 4, 64))
+    samples = data.discover(data.Folder(dataset, "textfile", ""), data.Framing(64, "pixel", True, "center", "square", 4, 64))
     cache, encoded = TensorCache(tmp_path, "vae"), []
 
     def encode(pixels):

@@ -6,7 +6,9 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
+from safetensors.torch import load as safetensors_load
 
 from conftest import ALL_LINEAR, HUB_DATA, HUB_MODEL, TINY, run_cli
 from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN
@@ -23,9 +25,16 @@ def test_pull_train_push_end_to_end(hub, tmp_path):
     r = train(hub, tmp_path, push_to_hub="true", hub_model_id="tester/lokr", validation_prompt="a red circle")
     assert r.returncode == 0, r.stderr[-3000:]
     out, pushed = tmp_path / "out", hub.files("tester/lokr")
-    for name in ("pytorch_lora_weights.safetensors", "lycoris_config.json", "training_config.json", "README.md",
-                 "loss.png", "samples/validation.png", "samples/step-000000/validation.png"):
+    for name in ("pytorch_lora_weights.safetensors", "lokr_comfyui.safetensors", "lycoris_config.json",
+                 "training_config.json", "README.md", "loss.png", "samples/validation.png",
+                 "samples/step-000000/validation.png"):
         assert pushed[name] == (out / name).read_bytes(), name
+    lycoris, comfy = safetensors_load(pushed["pytorch_lora_weights.safetensors"]), safetensors_load(
+        pushed["lokr_comfyui.safetensors"])
+    assert len(comfy) == len(lycoris) == 90  # the tiny model's 30 Linears x (lokr_w1, lokr_w2, alpha)
+    for key, t in comfy.items():  # the same tensors under ComfyUI's names
+        path, _, suffix = key.removeprefix("transformer.").rpartition(".")
+        assert key.startswith("transformer.") and torch.equal(t, lycoris[f"lycoris_{path.replace('.', '_')}.{suffix}"])
     assert not any(k.startswith("cache/") or k.startswith("checkpoints/") for k in pushed)
     card = ModelCard(pushed["README.md"].decode())
     meta = card.data.to_dict()
@@ -33,6 +42,9 @@ def test_pull_train_push_end_to_end(hub, tmp_path):
     assert {"lycoris", "auraflow", "lokr"} <= set(meta["tags"])
     assert meta["widget"] == [{"text": "a red circle", "output": {"url": "samples/validation.png"}}]
     assert "create_lycoris_from_weights(1.0, adapter, pipe.transformer)" in card.text
+    assert 'hf_hub_download("tester/lokr", "pytorch_lora_weights.safetensors")' in card.text
+    assert "`lokr_comfyui.safetensors`" in card.text and "ComfyUI/models/loras/" in card.text
+    assert "LoraLoaderModelOnly" in card.text
     resolved = json.loads(pushed["training_config.json"])
     assert resolved["model_commit"] == hub.model_commit and HUB_DATA in resolved["dataset_commits"]
     assert WRITE_TOKEN not in r.stderr + r.stdout and all(WRITE_TOKEN.encode() not in v for v in pushed.values())
@@ -73,6 +85,7 @@ def test_hub_down_at_the_end_exits_6_and_keeps_everything(hub, tmp_path):
     for name in ("pytorch_lora_weights.safetensors", "README.md", "training_config.json", "samples/validation.png"):
         assert (out / name).is_file(), name
     assert f"hf upload tester/never {out}" in r.stderr
+    assert (out / "never_comfyui.safetensors").is_file() and "--include 'never_comfyui.safetensors'" in r.stderr
 
 
 def test_checkpoints_go_to_the_hub_and_a_fresh_pod_resumes_from_them(hub, tmp_path):
@@ -95,13 +108,17 @@ def test_a_connection_dropped_mid_upload_is_retried(hub, tmp_path):
     hub.clear_log()
     hub.drop_next(1, match="PUT /_lfs")
     try:
-        # a seed of its own: an adapter the server has seen before would not be uploaded again (LFS dedup)
-        r = train(hub, tmp_path, push_to_hub="true", hub_model_id=repo, max_train_steps=1, seed=4321)
+        # a seed of its own: an adapter the server has seen before would not be uploaded again (LFS dedup);
+        # no ComfyUI copy: the adapter is the one LFS file, so a second PUT is the retry
+        r = train(hub, tmp_path, push_to_hub="true", hub_model_id=repo, max_train_steps=1, seed=4321,
+                  export_comfyui="false")
     finally:
         hub.clear_faults()
     assert r.returncode == 0, r.stderr[-2000:]
-    assert hub.files(repo)["pytorch_lora_weights.safetensors"] == (
-        tmp_path / "out" / "pytorch_lora_weights.safetensors").read_bytes()
+    pushed = hub.files(repo)
+    assert pushed["pytorch_lora_weights.safetensors"] == (tmp_path / "out" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert not any("comfyui" in k for k in pushed) and not any((tmp_path / "out").glob("*comfyui*"))
+    assert "ComfyUI" not in pushed["README.md"].decode()
     assert len(hub.requests("PUT", "/_lfs")) >= 2
 
 

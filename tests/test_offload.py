@@ -107,7 +107,7 @@ def reference(precision: str, config: str = "SMALL", lycoris: str = "demo", step
 def test_lokr_gradients_with_offload_equal_the_reference(kind, per_group, disk, checkpointing, precision, tmp_path):
     ref = reference(precision)
     assert any(g.abs().sum() > 0 for g in ref[0])  # a reference that trains at all
-    plan = offload.Plan(kind, per_group, False, str(tmp_path) if disk else "")
+    plan = offload.Policy(kind, per_group, False, str(tmp_path) if disk else "")
     tr, net, off = build(precision, checkpointing, plan)
     assert_bit_exact(ref, train_grads(tr, net))
     if checkpointing:
@@ -117,13 +117,13 @@ def test_lokr_gradients_with_offload_equal_the_reference(kind, per_group, disk, 
 
 def test_int4_gradients_with_block_offload_on_disk_equal_the_reference(tmp_path):
     ref = reference("int4-quanto")
-    tr, net, off = build("int4-quanto", True, offload.Plan("block_level", 2, False, str(tmp_path)))
+    tr, net, off = build("int4-quanto", True, offload.Policy("block_level", 2, False, str(tmp_path)))
     assert_bit_exact(ref, train_grads(tr, net))
 
 
 def test_a_100m_parameter_model_with_int8_and_disk_offload_is_bit_exact(tmp_path):
     ref = reference("int8-quanto", "LARGE", "seed", 2)
-    tr, net, off = build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)), config="LARGE",
+    tr, net, off = build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path)), config="LARGE",
                          lycoris=SEED_LYCORIS_CONFIG)
     assert sum(p.numel() for p in weights("LARGE").values()) > 100e6
     assert_bit_exact(ref, train_grads(tr, net, "LARGE", 2))
@@ -131,7 +131,7 @@ def test_a_100m_parameter_model_with_int8_and_disk_offload_is_bit_exact(tmp_path
 
 
 def test_adapter_parameters_stay_put_and_trainable(tmp_path):
-    tr, net, off = build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)))
+    tr, net, off = build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path)))
     before = {n: (p.data_ptr(), p.device) for n, p in net.named_parameters()}
     train_grads(tr, net, steps=1)
     assert {n: (p.data_ptr(), p.device) for n, p in net.named_parameters()} == before
@@ -167,7 +167,7 @@ class Residency:
 @pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
 @pytest.mark.parametrize("kind,per_group", [("block_level", 1), ("block_level", 2), ("leaf_level", 1)])
 def test_at_most_the_configured_groups_are_resident_and_none_after_the_backward(kind, per_group, disk, tmp_path):
-    tr, net, off = build("int8-quanto", True, offload.Plan(kind, per_group, False, str(tmp_path) if disk else ""))
+    tr, net, off = build("int8-quanto", True, offload.Policy(kind, per_group, False, str(tmp_path) if disk else ""))
     r = Residency(off)
     for step in range(2):
         (forward(tr, "SMALL", step) ** 2).mean().backward()
@@ -181,7 +181,7 @@ def test_at_most_the_configured_groups_are_resident_and_none_after_the_backward(
 
 def groups_held_by_autograd(checkpointing: bool, folder) -> int:
     """How many block groups' onloaded weights autograd saved during one forward (seen by a saved-tensors hook)."""
-    tr, net, off = build("no_change", checkpointing, offload.Plan("block_level", 1, False, str(folder)))
+    tr, net, off = build("no_change", checkpointing, offload.Policy("block_level", 1, False, str(folder)))
     weight_of, saved = {}, set()
 
     def onload(g, real):
@@ -224,11 +224,11 @@ def test_checkpointing_is_turned_on_with_group_offload(tiny_model):
 def test_quanto_weights_without_exposed_payload_break_under_offload(tmp_path):
     """The failure `expose_quantized_payload` exists for (memory mode without checkpointing: autograd saved the
     quanto weight, which Module._apply must swap)."""
-    tr, net, _ = build("int8-quanto", False, offload.Plan("block_level", 1, False, ""), payload=False)
+    tr, net, _ = build("int8-quanto", False, offload.Policy("block_level", 1, False, ""), payload=False)
     with pytest.raises(RuntimeError, match="swap"):
         train_grads(tr, net, steps=1)
     with pytest.raises(RuntimeError, match="storage"):  # disk mode: safetensors cannot write a quanto tensor
-        build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)), payload=False)
+        build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path)), payload=False)
 
 
 def test_exposed_payload_keeps_outputs_and_state_dict():
@@ -247,7 +247,7 @@ def test_exposed_payload_keeps_outputs_and_state_dict():
 def test_two_models_sharing_one_disk_path_each_compute_their_own_outputs(tmp_path):
     """diffusers reuses any file already in the folder (first model's weights served to the second); each run's
     fresh folder prevents it. Both models stay alive and train together, as two runs on one volume would."""
-    plan = offload.Plan("block_level", 1, False, str(tmp_path))
+    plan = offload.Policy("block_level", 1, False, str(tmp_path))
     runs = [build("no_change", True, plan, seed=seed) for seed in (0, 1)]
     with torch.no_grad():
         expected = []
@@ -283,13 +283,13 @@ def test_offload_needs_the_adapter_applied_first():
     """At leaf level, hooks applied under LyCORIS would release the base weight before LyCORIS reads it."""
     tr = AuraFlowTransformer2DModel(**SMALL)
     with pytest.raises(ValueError, match="adapter"):
-        offload.apply(tr, torch.nn.Module(), CPU, offload.Plan("leaf_level"), "x")
+        offload.apply(tr, torch.nn.Module(), CPU, offload.Policy("leaf_level"), "x")
 
 
 def test_stream_prefetch_chain_is_reversed_for_the_backward_and_restored_for_the_forward():
     """Streams need CUDA (bench/gpu.sh runs them); this checks the chain the backward would prefetch along,
     on the real diffusers hooks, with the forward chain set as diffusers' first-forward trace sets it."""
-    tr, net, off = build("no_change", True, offload.Plan("block_level", 1, False, ""))
+    tr, net, off = build("no_change", True, offload.Policy("block_level", 1, False, ""))
     top = offload._group_hook(tr)
     block_hooks = [offload._group_hook(b) for b in off.blocks]
     order = [h.group for h in block_hooks]
@@ -332,6 +332,11 @@ def test_train_with_group_offload_to_disk_gives_the_same_adapter(tiny_model, bas
     log, got = _run(tiny_model, data, tmp_path / "out", enable_group_offload="true", group_offload_to_disk_path=spill,
                     group_offload_type="block_level", group_offload_use_stream="true", gradient_checkpointing="false")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # the ComfyUI copy, renamed from the quantised, offloaded transformer's module list: the same tensors
+    comfy = load_file(str(tmp_path / "out" / "out_comfyui.safetensors"))
+    flat = {k: f"lycoris_{k.removeprefix('transformer.').rpartition('.')[0].replace('.', '_')}."
+               f"{k.rpartition('.')[2]}" for k in comfy}
+    assert sorted(flat.values()) == sorted(want) and all(torch.equal(comfy[k], want[flat[k]]) for k in comfy)
     assert "group offload:" in log and "GRADIENT_CHECKPOINTING" in log  # turned on, and said so
     assert "streams need a CUDA GPU" in log
     assert spill.is_dir() and list(spill.iterdir()) == []  # the run's offload folder is gone
@@ -362,7 +367,7 @@ def test_the_estimate_for_real_size_auraflow_orders_the_settings_and_fits_the_se
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel(**{**SMALL, **AURAFLOW})
-    size = model.model_size(shell, model.Geometry(2, 9216, 8, 4))
+    size = model.model_size(shell, model.Grid(2, 9216, 8, 4))
     assert 6.5e9 < size.total < 7.0e9
     net = model._lycoris_network(shell, SEED_LYCORIS_CONFIG)
     lokr = sum(p.numel() for lora in net.loras for p in lora.parameters())
@@ -391,7 +396,7 @@ def test_host_ram_estimate_for_real_size_auraflow():
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel(**{**SMALL, **AURAFLOW})
-    size = model.model_size(shell, model.Geometry(2, 9216, 8, 4))
+    size = model.model_size(shell, model.Grid(2, 9216, 8, 4))
     assert 1.2 < size.pinned_ratio < 1.6  # AuraFlow's 3072x3072 weights round up 1.78x, its 3072x8192 ones 1.33x
 
     def host(**kw):
@@ -424,7 +429,7 @@ def test_the_machines_ram_is_its_container_limit_when_lower(tmp_path, monkeypatc
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel(**{**SMALL, **AURAFLOW})
-    size = model.model_size(shell, model.Geometry(2, 9216, 8, 4))
+    size = model.model_size(shell, model.Grid(2, 9216, 8, 4))
     with caplog.at_level("INFO", logger="job"):
         pipeline.report_memory(s, torch.device("cpu"), size, 1000, 64)
     text = caplog.text
@@ -438,7 +443,7 @@ def test_no_tensor_piles_up_from_step_to_step():
     must not keep the leaf (and its gradient) alive after the step."""
     import gc
 
-    tr, net, off = build("no_change", True, offload.Plan("block_level", 1, False, ""), lycoris=SEED_LYCORIS_CONFIG)
+    tr, net, off = build("no_change", True, offload.Policy("block_level", 1, False, ""), lycoris=SEED_LYCORIS_CONFIG)
 
     def live_tensors() -> int:
         gc.collect()
@@ -471,7 +476,7 @@ net = model.create_adapter(tr, {"algo": "lokr", "factor": 4, "apply_preset": {"t
                            torch.float32)
 weights = sum(p.numel() * p.element_size() for b in offload.blocks(tr) for p in b.parameters())
 before = rss()
-offload.apply(tr, net, torch.device("cpu"), offload.Plan("block_level", 1, False, tempfile.mkdtemp()), "t")
+offload.apply(tr, net, torch.device("cpu"), offload.Policy("block_level", 1, False, tempfile.mkdtemp()), "t")
 print(weights, before - rss())
 """
 
@@ -487,3 +492,31 @@ def test_weights_spilled_to_disk_leave_host_ram():
     assert r.returncode == 0, r.stderr[-3000:]
     weights, freed = map(int, r.stdout.split()[-2:])
     assert weights > 70e6 and freed > 0.8 * weights, (weights, freed)
+
+
+def regularised_grads(tr, net) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-row losses and adapter gradients of a batch with one regularisation row (a teacher forward first)."""
+    from job.loss import Batch, batch_loss
+
+    with torch.no_grad():
+        for p in net.parameters():  # a non-zero delta, so the teacher's target differs from the student's output
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    x, e, _ = batch("SMALL", 0)
+    g = torch.Generator().manual_seed(5)
+    sigmas, noise = torch.rand(2, generator=g), torch.randn(x.shape, generator=g)
+    rows = batch_loss(tr, Batch(x, e, regularisation=torch.tensor([False, True])), sigmas, noise, CPU,
+                      torch.float32, net)
+    rows.sum().backward()
+    return rows.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
+def test_the_regularisation_teacher_forward_under_offload_equals_the_reference(disk, tmp_path):
+    ref_rows, ref_grads = regularised_grads(*build("int8-quanto", True)[:2])
+    tr, net, off = build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path) if disk else ""))
+    r = Residency(off)
+    rows, grads = regularised_grads(tr, net)
+    assert torch.equal(rows, ref_rows) and ref_rows[1] > 0
+    assert_bit_exact([ref_grads], [grads])
+    assert r.resident == set()  # the teacher's forward left nothing loaded behind
+    off.close()

@@ -20,6 +20,7 @@ from job.cache import TensorCache
 from job.config import SPECS, build_settings
 from job.errors import DivergedError
 from job.log import MetricsSink
+from job.loss import Batch
 from job.train import Trainer
 
 HF_TOKEN = "hf_" + "S" * 34
@@ -36,11 +37,11 @@ def trainer_with_a_nan_batch(tiny_model, tmp_path, skip: int) -> Trainer:
 
     def fetch(index, g):
         x = torch.randn(1, 4, 16, 16, generator=g)
-        return (x * float("nan") if index == 2 else x), torch.randn(1, 8, 32, generator=g)
+        return Batch(x * float("nan") if index == 2 else x, torch.randn(1, 8, 32, generator=g))
 
-    t = Trainer(tr, net, fetch, s.training, 5, 2, torch.device("cpu"), torch.float32, tmp_path / "ckpt", 0, 0)
-    t.metrics = MetricsSink(tmp_path / "metrics.jsonl")
-    return t
+    return Trainer(transformer=tr, network=net, fetch=fetch, t=s.training, total_steps=5, patch_size=2,
+                   device=torch.device("cpu"), dtype=torch.float32, checkpoint_dir=tmp_path / "ckpt",
+                   metrics=MetricsSink(tmp_path / "metrics.jsonl"))
 
 
 def test_a_nonfinite_step_is_skipped_when_allowed(tiny_model, tmp_path):
@@ -86,7 +87,10 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_lying_checkpoint(tmp_pa
     root = tmp_path / "ckpts"
     for _ in range(8):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], cwd=ROOT)
-        time.sleep(1.0 + rng.random() * 1.5)
+        deadline = time.monotonic() + 120  # the writer's imports take seconds on a loaded machine: time from its writes
+        while not list(root.glob("checkpoint-*")) and time.monotonic() < deadline:  # one whole checkpoint first
+            time.sleep(0.05)
+        time.sleep(rng.random() * 1.5)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         found = checkpoint.complete(root)  # also clears the temporary folders a kill leaves behind
