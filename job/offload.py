@@ -213,7 +213,6 @@ class GroupOffload:
         # block first: that block onloads it there (and the first block must not load it again)
         self.spanning = {i: [g for g in self.groups if len(g.modules) > 1 and g.modules[-1] is b]
                          for i, b in enumerate(self.blocks)}
-        self.released = 0  # block backwards that offloaded their groups (tests and logs)
         self._forward_chain: dict | None = None
         self._reversed_chain: dict = {}
         self._grad_hooks: list = []
@@ -266,7 +265,6 @@ class GroupOffload:
         """Block i's backward is done: nothing before it in the backward needs its groups."""
         for g in self.owned[i]:
             g.offload_()
-        self.released += 1
 
     # the stream's prefetch chain (next_group pointers of diffusers' hooks)
     def _all_hooks(self) -> list:
