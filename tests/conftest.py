@@ -90,6 +90,17 @@ class Run:
                 f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}")
 
 
+# What makes a run heavy: a refusal that comes before any of these are imported came within a second or two.
+HEAVY = {"torch", "diffusers", "transformers", "numpy"}
+# Set in a run's environment, Python lists every module it imports on stderr (`import time: ... | module`).
+LIST_IMPORTS = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def imported(run: Run) -> set[str]:
+    """The top-level packages a run started with LIST_IMPORTS imported."""
+    return {ln.rsplit("|", 1)[-1].strip().split(".")[0] for ln in run.stderr.splitlines() if ln.startswith("import time:")}
+
+
 def run_cli(*args: str, timeout: float = 300, **settings) -> Run:
     """`python entrypoint.py *args` with `settings` as environment variables (lower-case names are fine)."""
     t0 = time.monotonic()

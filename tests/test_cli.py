@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SETTING_ENVS, Run, run_cli
-from job.builtin import tiny_model_dir
+from conftest import HEAVY, LIST_IMPORTS, SETTING_ENVS, Run, imported, run_cli
 from job.config import SPECS
 
 TOKEN = "hf_" + "QwErTyUiOpAsDfGhJkLzXcVbNmQwErTyUi"  # token-shaped: hf_ + 34 letters
-FAST_S = 10.0  # a bad configuration is refused within seconds, before anything heavy happens
 
 
 def names_var(text: str, var: str) -> bool:
@@ -35,7 +33,7 @@ def names_var(text: str, var: str) -> bool:
 # A valid base for the bad-input runs: the one bad thing is what each case adds. A token is always
 # present so that every run also checks it never reaches the output.
 def _bad_base(data_dir: Path) -> dict[str, str]:
-    return {"DATASET_ID": str(data_dir), "PUSH_TO_HUB": "false", "HF_TOKEN": TOKEN}
+    return {"DATASET_ID": str(data_dir), "PUSH_TO_HUB": "false", "HF_TOKEN": TOKEN, **LIST_IMPORTS}
 
 
 BAD_CASES: dict[str, tuple[list[str], dict[str, str]]] = {
@@ -60,22 +58,33 @@ def cli_tmp(tmp_path_factory) -> Path:
 def runs(cli_tmp) -> Iterator[dict[str, Future]]:
     """Start every CLI run of this module on a pool of (at most) two; tests wait on the one they need.
 
-    Two at a time, never more, so that each run's elapsed time is its own and not a queue's: the tiny
-    model is built on the pool too, while the bad-input runs (which do not need it) go on beside it."""
+    The bad-input runs go first: they are refused before torch is imported, in seconds (the fast set's)."""
     tmp = cli_tmp
     data_dir = tmp / "dataset"
     data_dir.mkdir()
     pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
     futures: dict[str, Future] = {}
     try:
-        build = pool.submit(tiny_model_dir, tmp / "builtin")
         for name, (args, extra) in BAD_CASES.items():
             futures[name] = pool.submit(run_cli, *args, **{**_bad_base(data_dir), **extra})
-        model = build.result(timeout=600)
-        tiny = {"MODEL_ID": str(model), "DATASET_ID": str(data_dir), "PUSH_TO_HUB": "false"}
+        yield futures
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def model_runs(cli_tmp, tiny_model) -> Iterator[dict[str, Future]]:
+    """The runs that read the tiny model (torch and diffusers imported: several seconds each), two at a time."""
+    tmp = cli_tmp
+    data_dir = tmp / "dataset"
+    data_dir.mkdir(exist_ok=True)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
+    futures: dict[str, Future] = {}
+    try:
+        tiny = {"MODEL_ID": str(tiny_model), "DATASET_ID": str(data_dir), "PUSH_TO_HUB": "false"}
         # `train` on the tiny model's config files alone: a refusal there was decided before any weight was needed
         configs_only = tmp / "configs-only"
-        shutil.copytree(model, configs_only, ignore=shutil.ignore_patterns("*.safetensors"))
+        shutil.copytree(tiny_model, configs_only, ignore=shutil.ignore_patterns("*.safetensors"))
         futures["resolution_too_large"] = pool.submit(
             run_cli, "train", **{**tiny, "MODEL_ID": str(configs_only)}, RESOLUTION="128",
             VALIDATION_RESOLUTION="64x64", OUTPUT_DIR=str(tmp / "too-large-out"))
@@ -86,7 +95,7 @@ def runs(cli_tmp) -> Iterator[dict[str, Future]]:
         # the environment's LEARNING_RATE is bad, the command line's is good.
         config_file = tmp / "config.json"
         config_file.write_text(json.dumps({
-            "model_family": "auraflow", "model_id": str(model), "resolution": 64, "resolution_type": "pixel",
+            "model_family": "auraflow", "model_id": str(tiny_model), "resolution": 64, "resolution_type": "pixel",
             "validation_resolution": "64x64", "validation_torch_compile": "false", "vae_cache_ondemand": True,
             "learning_rate": "3e-3",
         }, indent=4), encoding="utf-8")
@@ -139,13 +148,13 @@ BAD_EXPECTATIONS = [
 
 
 @pytest.mark.parametrize("name,var,text", BAD_EXPECTATIONS, ids=[f"{n}-{v}" for n, v, _ in BAD_EXPECTATIONS])
-def test_bad_input_exits_2_naming_the_variable_quickly(runs, name, var, text):
+def test_bad_input_exits_2_naming_the_variable_before_anything_heavy(runs, name, var, text):
     r = result(runs, name)
     assert r.returncode == 2, r
     lines = [ln for ln in r.stderr.splitlines() if names_var(ln, var)]
     assert lines, f"{var} not named\n{r}"
     assert any(text in ln for ln in lines), f"{var} named without {text!r}\n{r}"
-    assert r.elapsed < FAST_S, r
+    assert "job" in imported(r) and not HEAVY & imported(r), r  # refused before torch or diffusers was imported
 
 
 def test_several_bad_values_are_reported_in_one_run(runs):
@@ -174,10 +183,11 @@ def test_token_never_appears_in_the_output(runs, name):
 # ------------------------------------------------------------------ the model's own patch grid
 
 
-def test_resolution_beyond_the_tiny_models_grid_is_refused_before_anything_heavy(runs, cli_tmp):
+@pytest.mark.slow
+def test_resolution_beyond_the_tiny_models_grid_is_refused_before_anything_heavy(model_runs, cli_tmp):
     """`train` is refused from the model's config files alone (its weights are not there to load), before
     OUTPUT_DIR is created: no weight read, nothing cached, nothing written."""
-    r = result(runs, "resolution_too_large")
+    r = result(model_runs, "resolution_too_large")
     assert r.returncode == 2, r
     lines = [ln for ln in r.stderr.splitlines() if names_var(ln, "RESOLUTION")]
     assert lines and any("128" in ln for ln in lines), r
@@ -186,8 +196,9 @@ def test_resolution_beyond_the_tiny_models_grid_is_refused_before_anything_heavy
     assert not (cli_tmp / "too-large-out").exists(), r
 
 
-def test_resolution_inside_the_tiny_models_grid_passes_check(runs):
-    r = result(runs, "resolution_fits")
+@pytest.mark.slow
+def test_resolution_inside_the_tiny_models_grid_passes_check(model_runs):
+    r = result(model_runs, "resolution_fits")
     assert r.returncode == 0, r
     assert "invalid setting" not in r.stderr, r
 
@@ -195,14 +206,16 @@ def test_resolution_inside_the_tiny_models_grid_passes_check(runs):
 # ------------------------------------------------------------------ layering and the config file
 
 
-def test_cli_option_wins_over_the_environment(runs):
-    r = result(runs, "config_file_and_cli_over_env")
+@pytest.mark.slow
+def test_cli_option_wins_over_the_environment(model_runs):
+    r = result(model_runs, "config_file_and_cli_over_env")
     assert r.returncode == 0, r  # env LEARNING_RATE=abc would be exit 2
     assert not names_var(r.stderr, "LEARNING_RATE"), r
 
 
-def test_config_file_unknown_keys_are_named_in_a_warning(runs):
-    r = result(runs, "config_file_and_cli_over_env")
+@pytest.mark.slow
+def test_config_file_unknown_keys_are_named_in_a_warning(model_runs):
+    r = result(model_runs, "config_file_and_cli_over_env")
     warnings = [ln for ln in r.stderr.splitlines() if "WARNING" in ln or "warning" in ln.lower()]
     text = "\n".join(warnings)
     assert "validation_torch_compile" in text and "vae_cache_ondemand" in text, r

@@ -48,6 +48,7 @@ def steps_logged(out) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [2, 13])
 def test_sigterm_writes_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(tiny_model, data, reference,
                                                                               tmp_path, stop_after):
@@ -75,12 +76,12 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(t
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_trained_twice(reference, tiny_model, data):
     before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
-    t0 = time.monotonic()
     r = run_cli("train", **settings(tiny_model, data, reference))
     assert r.returncode == 0 and "nothing to do" in r.stderr
-    assert time.monotonic() - t0 < 5
+    assert "plan:" not in r.stderr and "caching" not in r.stderr, r  # ended before the preflight read the model
     r = run_cli("train", **{**settings(tiny_model, data, reference), "learning_rate": 1e-2})
     assert r.returncode == 2 and "learning_rate" in r.stderr and "new OUTPUT_DIR" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()} == before
@@ -141,12 +142,14 @@ def test_status_json_is_rewritten_at_its_interval_and_at_once_on_a_new_phase(tmp
     assert set(final["phase_started"]) == {"training", "done"}
 
 
+@pytest.mark.slow
 def test_a_run_leaves_its_final_status(reference):
     final = json.loads((reference / "status.json").read_text())
     assert (final["phase"], final["step"], final["total_steps"]) == ("done", STEPS, STEPS)
     assert {"caching", "training", "done"} <= set(final["phase_started"]), final["phase_started"]
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once_and_corrupts_nothing(tiny_model, data, tmp_path):
     out = tmp_path / "out"
     env = clean_env(**{**settings(tiny_model, data, out), "max_train_steps": 500, "checkpoint_step_interval": 1})
