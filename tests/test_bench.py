@@ -137,6 +137,7 @@ def test_the_prepared_wheels_are_the_pins_and_install_on_the_gpu_machines_python
     assert "is not a supported wheel" in dry_run("3.13").stderr
 
 
+@pytest.mark.slow
 def test_the_kit_cpu_mode_trains_from_the_wheels_on_a_torch_only_python(tmp_path):
     """`bash bench/gpu_kit.sh cpu`, trimmed to one job variant and two benchmark variants: the same steps as on the
     GPU machine. With .whl-host/ (prepare) the job runs on a python that has torch and numpy only, plus the wheels

@@ -12,6 +12,8 @@ import pytest
 from conftest import ALL_LINEAR, HUB_DATA, HUB_MODEL, TINY, run_cli
 from hubserver import WRITE_TOKEN
 
+pytestmark = pytest.mark.slow  # every test here runs the real CLI end to end
+
 POD_KEY = "rpa_" + "K" * 30
 
 

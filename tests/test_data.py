@@ -517,6 +517,7 @@ def test_text_cache_reuse_and_one_changed_caption(tmp_path):
 
 # ------------------------------------------------------------------ through the CLI
 
+@pytest.mark.slow
 def test_fewer_usable_images_than_one_batch_exits_4(tiny_model, tmp_path):
     one = builtin.single_image_dataset_dir(tmp_path / "data")
     r = run_cli("train", **TINY, model_id=tiny_model, dataset_id=one, output_dir=tmp_path / "out",
@@ -526,6 +527,7 @@ def test_fewer_usable_images_than_one_batch_exits_4(tiny_model, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_only_corrupt_images_exits_4(tiny_model, tmp_path):
     d = tmp_path / "corrupt"
     truncate(write(d, "a.png", noise(64, 64), "a caption"))
@@ -537,6 +539,7 @@ def test_only_corrupt_images_exits_4(tiny_model, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_second_run_over_the_same_output_encodes_nothing(tiny_model, tmp_path):
     toy = builtin.toy_dataset_dir(tmp_path / "data", count=8)
     captions = {p.read_text(encoding="utf-8").strip() for p in toy.glob("*.txt")}

@@ -21,10 +21,26 @@ def train(hub, tmp_path, *args, **settings):
     return run_cli(*(args or ("train",)), **{**base, **settings})
 
 
-def test_pull_train_push_end_to_end(hub, tmp_path):
-    r = train(hub, tmp_path, push_to_hub="true", hub_model_id="tester/lokr", validation_prompt="a red circle")
+@pytest.fixture(scope="module")
+def e2e(hub, tmp_path_factory):
+    """Pull, train, push; the model's weights stall mid-file on the way in (the server stops sending bytes, and
+    releases the connection only after 60 s): (run, OUTPUT_DIR, the requests the server saw)."""
+    tmp = tmp_path_factory.mktemp("pushed")
+    hub.clear_log()
+    hub.stall_after(2000, match="diffusion_pytorch_model.safetensors", seconds=60)
+    try:
+        r = train(hub, tmp, push_to_hub="true", hub_model_id="tester/lokr", validation_prompt="a red circle",
+                  download_stall_timeout=2, timeout=180)
+    finally:
+        hub.release()
     assert r.returncode == 0, r.stderr[-3000:]
-    out, pushed = tmp_path / "out", hub.files("tester/lokr")
+    return r, tmp / "out", hub.requests(), hub.stalled.is_set()
+
+
+@pytest.mark.slow
+def test_pull_train_push_end_to_end(hub, e2e):
+    r, out, _, _ = e2e
+    pushed = hub.files("tester/lokr")
     for name in ("pytorch_lora_weights.safetensors", "lokr_comfyui.safetensors", "lycoris_config.json",
                  "training_config.json", "README.md", "loss.png", "samples/validation.png",
                  "samples/step-000000/validation.png"):
@@ -50,6 +66,7 @@ def test_pull_train_push_end_to_end(hub, tmp_path):
     assert WRITE_TOKEN not in r.stderr + r.stdout and all(WRITE_TOKEN.encode() not in v for v in pushed.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings,needle", [
     ({"hf_token": "hf_wrong_token_for_sure"}, "HF_TOKEN was refused"),
     ({"model_id": "mallory/gated-auraflow"}, "is gated: accept its terms at https://huggingface.co/mallory/gated"),
@@ -65,15 +82,33 @@ def test_hub_access_problems_exit_3_before_any_weights_move(hub, tmp_path, setti
     assert not hub.requests("GET", ".safetensors")  # preflight fetched no weights
 
 
-def test_push_retries_a_failed_commit(hub, tmp_path):
+@pytest.fixture(scope="module")
+def retried(hub, tmp_path_factory):
+    """A push whose first commit gets 503 and whose adapter upload is cut mid-body, without the ComfyUI copy (so the
+    adapter is the one LFS file and a second PUT is the retry; a seed of its own: an adapter the server has seen
+    before would not be uploaded again): (run, OUTPUT_DIR, the LFS PUTs the server saw)."""
+    tmp = tmp_path_factory.mktemp("retried")
+    hub.clear_log()
     hub.fail_next(1, status=503, match="/commit/")
-    r = train(hub, tmp_path, push_to_hub="true", hub_model_id="tester/retried", max_train_steps=1)
+    hub.drop_next(1, match="PUT /_lfs")
+    try:
+        r = train(hub, tmp, push_to_hub="true", hub_model_id="tester/retried", max_train_steps=1, seed=4321,
+                  export_comfyui="false")
+    finally:
+        hub.clear_faults()
     assert r.returncode == 0, r.stderr[-2000:]
+    return r, tmp / "out", hub.requests("PUT", "/_lfs")
+
+
+@pytest.mark.slow
+def test_push_retries_a_failed_commit(hub, retried):
+    r, out, _ = retried
     assert "retrying" in r.stderr
     assert hub.files("tester/retried")["pytorch_lora_weights.safetensors"] == (
-        tmp_path / "out" / "pytorch_lora_weights.safetensors").read_bytes()
+        out / "pytorch_lora_weights.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_hub_down_at_the_end_exits_6_and_keeps_everything(hub, tmp_path):
     hub.fail_next(20, status=503, match="/commit/")
     try:
@@ -88,6 +123,7 @@ def test_hub_down_at_the_end_exits_6_and_keeps_everything(hub, tmp_path):
     assert (out / "never_comfyui.safetensors").is_file() and "--include 'never_comfyui.safetensors'" in r.stderr
 
 
+@pytest.mark.slow
 def test_checkpoints_go_to_the_hub_and_a_fresh_pod_resumes_from_them(hub, tmp_path):
     common = dict(push_to_hub="true", hub_model_id="tester/ckpt", push_checkpoints_to_hub="true",
                   checkpoint_step_interval=2, checkpoints_total_limit=1)
@@ -102,37 +138,30 @@ def test_checkpoints_go_to_the_hub_and_a_fresh_pod_resumes_from_them(hub, tmp_pa
     assert steps == [5, 6]
 
 
-def test_a_connection_dropped_mid_upload_is_retried(hub, tmp_path):
+@pytest.mark.slow
+def test_a_connection_dropped_mid_upload_is_retried(hub, retried):
     """The adapter's LFS upload is cut mid-body; the upload is retried and the push completes."""
-    repo = "tester/dropped"
-    hub.clear_log()
-    hub.drop_next(1, match="PUT /_lfs")
-    try:
-        # a seed of its own: an adapter the server has seen before would not be uploaded again (LFS dedup);
-        # no ComfyUI copy: the adapter is the one LFS file, so a second PUT is the retry
-        r = train(hub, tmp_path, push_to_hub="true", hub_model_id=repo, max_train_steps=1, seed=4321,
-                  export_comfyui="false")
-    finally:
-        hub.clear_faults()
-    assert r.returncode == 0, r.stderr[-2000:]
-    pushed = hub.files(repo)
-    assert pushed["pytorch_lora_weights.safetensors"] == (tmp_path / "out" / "pytorch_lora_weights.safetensors").read_bytes()
-    assert not any("comfyui" in k for k in pushed) and not any((tmp_path / "out").glob("*comfyui*"))
+    r, out, lfs_puts = retried
+    pushed = hub.files("tester/retried")
+    assert pushed["pytorch_lora_weights.safetensors"] == (out / "pytorch_lora_weights.safetensors").read_bytes()
+    assert len(lfs_puts) >= 2
+
+
+@pytest.mark.slow
+def test_without_the_comfyui_copy_nothing_of_it_is_written_or_pushed(hub, retried):
+    r, out, _ = retried
+    pushed = hub.files("tester/retried")
+    assert not any("comfyui" in k for k in pushed) and not any(out.glob("*comfyui*"))
     assert "ComfyUI" not in pushed["README.md"].decode()
-    assert len(hub.requests("PUT", "/_lfs")) >= 2
 
 
-def test_a_stalled_download_is_retried_by_the_watchdog(hub, tmp_path):
-    """The server stops sending bytes mid-file; after DOWNLOAD_STALL_TIMEOUT the body is requested again and the
-    run completes (the stalled connection is only released after 60 s: without the watchdog the run would hang)."""
-    hub.stall_after(2000, match="diffusion_pytorch_model.safetensors", seconds=60)
-    try:
-        r = train(hub, tmp_path, download_stall_timeout=2, max_train_steps=1, timeout=120)
-    finally:
-        hub.release()
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert hub.stalled.is_set()  # the stall really happened
-    assert len(hub.requests("GET", "diffusion_pytorch_model.safetensors")) >= 2
+@pytest.mark.slow
+def test_a_stalled_download_is_retried_by_the_watchdog(e2e):
+    """After DOWNLOAD_STALL_TIMEOUT the stalled body is requested again and the run completes (the stalled connection
+    is only released after 60 s: without the watchdog the run would hang)."""
+    r, _, requests, stalled = e2e
+    assert stalled  # the stall really happened
+    assert len([h for h in requests if h.method == "GET" and "diffusion_pytorch_model.safetensors" in h.path]) >= 2
 
 
 def test_only_network_trouble_is_retried():
@@ -142,6 +171,7 @@ def test_only_network_trouble_is_retried():
     assert not _transient(PermissionError("HF_HOME not writable")) and not _transient(OSError(28, "No space left"))
 
 
+@pytest.mark.slow
 def test_with_two_processes_rank_0_alone_talks_to_the_hub(hub, tmp_path):
     """NUM_PROCESSES=2 on an empty HF_HOME: the Hub sees the very reads of a one-process run, and one push."""
     reads = {}

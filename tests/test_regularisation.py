@@ -120,6 +120,7 @@ def backend(*entries: dict) -> str:
     return json.dumps(list(entries))
 
 
+@pytest.mark.slow
 def test_the_seeds_regularisation_and_mask_datasets_train(tiny_model, tmp_path):
     subject = builtin.toy_dataset_dir(tmp_path / "subject", count=8)
     photos = builtin.toy_dataset_dir(tmp_path / "photos", count=8)
@@ -150,6 +151,7 @@ def test_the_seeds_regularisation_and_mask_datasets_train(tiny_model, tmp_path):
     assert f"`{photos}`: regularisation data" in card and f"`{subject}`: regularisation" not in card
 
 
+@pytest.mark.slow
 def test_regularisation_data_alone_leaves_the_adapter_without_effect(tiny_model, tmp_path):
     photos = builtin.toy_dataset_dir(tmp_path / "photos", count=4)
     config = backend({"id": "reg", "instance_data_dir": str(photos), "caption_strategy": "textfile",
@@ -168,6 +170,7 @@ def test_regularisation_data_alone_leaves_the_adapter_without_effect(tiny_model,
         assert torch.count_nonzero(torch.kron(weights[f"{m}.lokr_w1"], weights[f"{m}.lokr_w2"])) == 0, m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["missing", "unreadable"])
 def test_an_image_without_a_readable_mask_exits_4_naming_it(tiny_model, tmp_path, fault):
     subject = builtin.toy_dataset_dir(tmp_path / "subject", count=4)

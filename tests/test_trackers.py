@@ -9,6 +9,8 @@ import pytest
 from conftest import ALL_LINEAR, TINY, run_cli
 from job import builtin
 
+pytestmark = pytest.mark.slow  # every test here runs the real CLI end to end
+
 TOKEN = "hf_" + "Q" * 34
 WANDB_KEY = "f" * 40
 

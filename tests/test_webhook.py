@@ -13,6 +13,8 @@ import pytest
 from conftest import ALL_LINEAR, TINY, run_cli
 from job import builtin
 
+pytestmark = pytest.mark.slow  # every test here runs the real CLI end to end
+
 TOKEN = "hf_" + "W" * 34
 
 
