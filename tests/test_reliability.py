@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,16 +105,33 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_lying_checkpoint(tmp_pa
         assert not list(root.glob(".checkpoint-*"))
 
 
+def interrupted_settings(tiny_model, root: Path) -> dict:
+    return dict(**TINY, model_id=tiny_model, dataset_id=builtin.single_image_dataset_dir(root / "d"),
+                lycoris_config=ALL_LINEAR, checkpoint_step_interval=2, validation_step_interval=0, max_train_steps=4)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, tmp_path_factory) -> Path:
+    """A 4-step run with checkpoints 2 and 4, its OUTPUT_DIR without completed.json: as if the run had died at the
+    very end. Tests copy it."""
+    root = tmp_path_factory.mktemp("finished")
+    r = run_cli("train", **interrupted_settings(tiny_model, root), output_dir=root / "out")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (root / "out" / "completed.json").unlink()
+    return root
+
+
+def a_copy(finished: Path, tmp_path: Path) -> Path:
+    shutil.copytree(finished / "out", tmp_path / "out")
+    return tmp_path / "out"
+
+
 @pytest.mark.slow
-def test_an_unreadable_checkpoint_is_set_aside_and_the_one_before_is_used(tiny_model, tmp_path):
-    common = dict(**TINY, model_id=tiny_model, dataset_id=builtin.single_image_dataset_dir(tmp_path / "d"),
-                  output_dir=tmp_path / "out", lycoris_config=ALL_LINEAR, checkpoint_step_interval=2,
-                  validation_step_interval=0)
-    assert run_cli("train", **common, max_train_steps=4).returncode == 0
-    ckpts = tmp_path / "out" / "checkpoints"
+def test_an_unreadable_checkpoint_is_set_aside_and_the_one_before_is_used(tiny_model, finished, tmp_path):
+    out = a_copy(finished, tmp_path)
+    ckpts = out / "checkpoints"
     (ckpts / "checkpoint-4" / "training_state.pt").write_bytes(b"garbage")
-    (tmp_path / "out" / "completed.json").unlink()  # as if the first run had died before finishing
-    r = run_cli("train", **common, max_train_steps=6)
+    r = run_cli("train", **{**interrupted_settings(tiny_model, finished), "max_train_steps": 6}, output_dir=out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "checkpoint-4 cannot be read" in r.stderr and "(step 2 of 6)" in r.stderr
     assert (ckpts / "checkpoint-4.unreadable").is_dir()
@@ -229,14 +247,12 @@ def test_folders_off_the_volume_are_named_with_their_bytes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_another_adapter_shape_is_an_error_not_damage(tiny_model, tmp_path):
-    common = dict(**TINY, model_id=tiny_model, dataset_id=builtin.single_image_dataset_dir(tmp_path / "d"),
-                  output_dir=tmp_path / "out", checkpoint_step_interval=2, validation_step_interval=0,
-                  max_train_steps=2)
-    assert run_cli("train", **common, lycoris_config=ALL_LINEAR).returncode == 0
-    (tmp_path / "out" / "completed.json").unlink()  # as if the first run had died at the end
+def test_a_checkpoint_of_another_adapter_shape_is_an_error_not_damage(tiny_model, finished, tmp_path):
+    out = a_copy(finished, tmp_path)
+    ckpts = out / "checkpoints"
+    before = {p: p.read_bytes() for p in ckpts.rglob("*") if p.is_file()}
     other = json.dumps({**json.loads(ALL_LINEAR), "factor": 2})
-    r = run_cli("train", **common, lycoris_config=other)
+    r = run_cli("train", **{**interrupted_settings(tiny_model, finished), "lycoris_config": other}, output_dir=out)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "RESUME_FROM_CHECKPOINT" in r.stderr and "another LYCORIS_CONFIG" in r.stderr
-    assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()  # a good checkpoint is never set aside
+    assert {p: p.read_bytes() for p in ckpts.rglob("*") if p.is_file()} == before  # good checkpoints are never set aside
