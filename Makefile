@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@# optimum-quanto compiles its CPU kernels (int4 unpacking) into its package on first use: here, once, not
+	@# inside the first test that quantises to int4 (minutes of g++ -O3 that `make test` would otherwise pay)
+	$(BIN)/python -c 'from optimum.quanto.library.extensions import get_extension; get_extension("quanto_cpp").lib'
 	touch $(STAMP)
 
 demo: $(STAMP)

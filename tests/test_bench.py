@@ -27,8 +27,10 @@ SEED_SMALL = {**SEED_LYCORIS_CONFIG, "factor": 4}  # the seed's preset (Attentio
 
 @pytest.mark.parametrize("lycoris, bypass, checkpointing", [
     (SEED_SMALL, True, True),  # the seed's LoKr in bypass mode (the quantised base, and bf16 once issue 16 lands)
-    (SEED_SMALL, False, True),  # rebuild mode: W + dW materialised, one more full matmul per adapted Linear
-    (DEMO_LYCORIS, True, False),  # every Linear adapted, the patch embedding and timestep MLP too; no recompute
+    # rebuild mode: W + dW materialised, one more full matmul per adapted Linear
+    pytest.param(SEED_SMALL, False, True, marks=pytest.mark.slow),
+    # every Linear adapted, the patch embedding and timestep MLP too; no recompute
+    pytest.param(DEMO_LYCORIS, True, False, marks=pytest.mark.slow),
 ])
 def test_analytic_flops_equal_what_flopcountermode_counts_on_a_bf16_model(lycoris, bypass, checkpointing):
     """A whole training step (forward, checkpoint recompute, backward) of a bf16 AuraFlow with LoKr: the count from

@@ -9,14 +9,12 @@ exactly as they would on a GPU.
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
 import torch
 from diffusers import AuraFlowTransformer2DModel
-from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT
 from job import model, offload
 from job.config import SEED_LYCORIS_CONFIG
 from job.pipeline import DEMO_LYCORIS
@@ -100,10 +98,15 @@ def reference(precision: str, config: str = "SMALL", lycoris: str = "demo", step
 
 # ---------------------------------------------------------------- gradients: bit-exact against no offload
 
+# Every grouping; the fast set (-m "not slow") keeps one block per group, the others run in the full suite.
+GROUPINGS = [("block_level", 1), pytest.param("block_level", 2, marks=pytest.mark.slow),
+             pytest.param("leaf_level", 1, marks=pytest.mark.slow)]
+
+
 @pytest.mark.parametrize("precision", ["no_change", "int8-quanto"])
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
 @pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
-@pytest.mark.parametrize("kind,per_group", [("block_level", 1), ("block_level", 2), ("leaf_level", 1)])
+@pytest.mark.parametrize("kind,per_group", GROUPINGS)
 def test_lokr_gradients_with_offload_equal_the_reference(kind, per_group, disk, checkpointing, precision, tmp_path):
     ref = reference(precision)
     assert any(g.abs().sum() > 0 for g in ref[0])  # a reference that trains at all
@@ -179,7 +182,7 @@ class Residency:
 
 
 @pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
-@pytest.mark.parametrize("kind,per_group", [("block_level", 1), ("block_level", 2), ("leaf_level", 1)])
+@pytest.mark.parametrize("kind,per_group", GROUPINGS)
 def test_at_most_the_configured_groups_are_resident_and_none_after_the_backward(kind, per_group, disk, tmp_path):
     tr, net, off = build("int8-quanto", True, offload.Policy(kind, per_group, False, str(tmp_path) if disk else ""))
     r = Residency(tr, off)
@@ -319,64 +322,6 @@ def test_stream_prefetch_chain_is_reversed_for_the_backward_and_restored_for_the
     assert [h.next_group for h in block_hooks] == order[1:] + [None] and top.next_group is order[0]
 
 
-# ---------------------------------------------------------------- through the real CLI
-
-def _run(tiny_model, data, out, **extra):
-    settings = {**TINY, "model_id": tiny_model, "dataset_id": data, "output_dir": out, "max_train_steps": 4,
-                "train_batch_size": 2, "learning_rate": 1e-2, "lycoris_config": json.dumps(DEMO_LYCORIS),
-                "gradient_checkpointing": "true", "base_model_precision": "int8-quanto",
-                "validation_step_interval": 0, "checkpoint_step_interval": 0, **extra}
-    r = run_cli("train", **settings)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stderr, load_file(str(out / "pytorch_lora_weights.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def baseline(tiny_model, tmp_path_factory):
-    from job import builtin
-
-    root = tmp_path_factory.mktemp("offload-cli")
-    data = builtin.toy_dataset_dir(root, count=4)
-    return data, _run(tiny_model, data, root / "base")[1], (root / "base" / "samples" / "validation.png").read_bytes()
-
-
-@pytest.mark.slow
-def test_train_with_group_offload_to_disk_gives_the_same_adapter(tiny_model, baseline, tmp_path):
-    data, want, _ = baseline
-    spill = tmp_path / "spill"
-    log, got = _run(tiny_model, data, tmp_path / "out", enable_group_offload="true", group_offload_to_disk_path=spill,
-                    group_offload_type="block_level", group_offload_use_stream="true", gradient_checkpointing="false")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    # the ComfyUI copy, renamed from the quantised, offloaded transformer's module list: the same tensors
-    comfy = load_file(str(tmp_path / "out" / "out_comfyui.safetensors"))
-    flat = {k: f"lycoris_{k.removeprefix('transformer.').rpartition('.')[0].replace('.', '_')}."
-               f"{k.rpartition('.')[2]}" for k in comfy}
-    assert sorted(flat.values()) == sorted(want) and all(torch.equal(comfy[k], want[flat[k]]) for k in comfy)
-    assert "group offload:" in log and "GRADIENT_CHECKPOINTING" in log  # turned on, and said so
-    assert "streams need a CUDA GPU" in log
-    assert spill.is_dir() and list(spill.iterdir()) == []  # the run's offload folder is gone
-
-
-@pytest.mark.slow
-def test_model_cpu_offload_and_offload_during_startup_change_no_number(tiny_model, baseline, tmp_path):
-    data, want, png = baseline
-    for name in ("enable_model_cpu_offload", "offload_during_startup"):
-        out = tmp_path / name
-        _, got = _run(tiny_model, data, out, **{name: "true"})
-        assert all(torch.equal(got[k], want[k]) for k in want), name
-        assert (out / "samples" / "validation.png").read_bytes() == png, name
-
-
-@pytest.mark.slow
-def test_check_prints_a_memory_estimate(tiny_model, baseline):
-    r = run_cli("check", model_id=tiny_model, dataset_id=baseline[0], push_to_hub="false", resolution=64,
-                validation_resolution="64x64",
-                enable_group_offload="true", base_model_precision="int8-quanto")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "peak accelerator memory" in r.stderr and "group offload block_level" in r.stderr
-    assert "peak host RAM" in r.stderr
-
-
 def test_the_estimate_for_real_size_auraflow_orders_the_settings_and_fits_the_seed_on_24gb():
     from accelerate import init_empty_weights
 
@@ -478,7 +423,6 @@ RSS_AFTER_SPILL = """
 import sys, tempfile, torch
 from pathlib import Path
 from diffusers import AuraFlowTransformer2DModel
-from conftest import ROOT, TINY, run_cli
 from job import model, offload
 
 def rss():
