@@ -230,7 +230,7 @@ def exit_code(torchrun_rc: int, folder: Path, processes: int, signalled: int | N
     or torchrun's own code (a rank killed outright). The ranks are this machine's: the ones that left a file."""
     if torchrun_rc == 0:
         return 0
-    failed, silent = [], []
+    failed, silent, done = [], [], []
     ranks = sorted({int(f.name.split("-", 1)[1]) for f in [*folder.glob("pid-*"), *folder.glob("exit-*")]
                     if f.name.split("-", 1)[1].isdigit()}) or range(processes)
     for rank in ranks:
@@ -241,6 +241,10 @@ def exit_code(torchrun_rc: int, folder: Path, processes: int, signalled: int | N
             continue
         if int(code):
             failed.append((float(at), int(code)))
+        else:
+            done.append(rank)
+    if len(done) == processes:  # every rank here finished: torchrun only lost the rendezvous' host at the end
+        return 0
     if silent and not signalled:
         log.error("rank(s) %s ended without reporting an exit code (killed, e.g. out of memory)",
                   ", ".join(map(str, silent)))
@@ -346,6 +350,8 @@ def _torchrun(argv: list[str]) -> None:
     except RendezvousError:  # the timeout, or a main machine that went away before everyone came
         if roll_call is None:
             raise
+        if _rank_pids(Path(own["--job-ranks-dir"])):  # after the ranks started: the machine hosting the rendezvous
+            sys.exit(1)  # ended its torchrun first; the parent takes the ranks' own exit codes
         roll_call.done.set()
         roll_call.join(timeout=5)
         _write(Path(own["--job-ranks-dir"]) / RENDEZVOUS_FAILED, roll_call.report())

@@ -86,15 +86,23 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
                 failed(e, settings, creds, status, notify)
             ctx.barrier()  # the others leave only once rank 0 has reported it (and uploaded the last checkpoint)
             raise
+        if ctx.nodes > 1:  # the other machines stay until rank 0 has published: one of their torchruns may host
+            ctx.main_only(lambda: publish_or_fail(finish, settings, creds, status, notify))  # the rendezvous it needs
     if not ctx.is_main:
         return
+    if ctx.nodes == 1:
+        publish_or_fail(finish, settings, creds, status, notify)  # rank 0 alone: the others are done
+    notify.close()
+    pod_action(settings.cloud.pod_action_on_success, creds, out)
+
+
+def publish_or_fail(finish: Callable[[], None], settings: Settings, creds: cloud.Credentials, status: StatusFile,
+                    notify) -> None:
     try:
-        finish()  # rank 0 alone: the others are done
+        finish()
     except JobError as e:
         failed(e, settings, creds, status, notify)
         raise
-    notify.close()
-    pod_action(settings.cloud.pod_action_on_success, creds, out)
 
 
 def failed(e: JobError, settings: Settings, creds: cloud.Credentials, status: StatusFile, notify) -> None:

@@ -228,7 +228,9 @@ def test_killing_one_machine_ends_the_other_within_seconds(tiny_model, dataset, 
         finish(procs, timeout=1)
     print(f"machine 1 killed: machine 0 exited {rc} after {elapsed:.1f}s")
     assert rc not in (0, None), logs[0].read_text()[-3000:]
-    assert elapsed < 30, logs[0].read_text()[-3000:]
+    # at the next collective, not at its 10-minute timeout (distributed.STEP_TIMEOUT): measured 20 s on a busy 2-core
+    # machine, most of it the failing rank's traceback and the processes' exits; the bound leaves room for more load
+    assert elapsed < 120, logs[0].read_text()[-3000:]
 
 
 # ------------------------------------------------------------------ the settings
@@ -286,3 +288,7 @@ def test_the_exit_code_reads_this_machines_ranks(tmp_path):
     assert launch.exit_code(1, tmp_path, 2) == 4
     (tmp_path / "exit-3").unlink()  # killed: no word from it
     assert launch.exit_code(1, tmp_path, 2) == 143
+    # both finished: torchrun failed only afterwards (the machine hosting the rendezvous had ended its own)
+    (tmp_path / "exit-2").write_text("0 20.5")
+    (tmp_path / "exit-3").write_text("0 20.0")
+    assert launch.exit_code(1, tmp_path, 2) == 0
