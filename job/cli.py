@@ -198,7 +198,7 @@ def _run(command: str, given: dict[str, str | None]) -> None:
         if ranks is None:  # the parent: the run itself, or torchrun's with one process per GPU (on each machine)
             processes = launch.process_count(settings.scale.num_processes, torch.cuda.device_count())
             cluster = _cluster(settings)
-            if cluster and (problems := launch.cluster_problems(cluster)):
+            if cluster and (problems := launch.cluster_problems(cluster, resolve=command == "check")):
                 raise ConfigError(problems)
             if (processes > 1 or cluster) and command != "check":
                 raise typer.Exit(launch.relaunch([command], processes, _rank_env(raw, config_file, settings), cluster))

@@ -61,9 +61,10 @@ class Cluster:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def cluster_problems(cluster: Cluster) -> list[str]:
+def cluster_problems(cluster: Cluster, resolve: bool = True) -> list[str]:
     """What this machine can tell before the others come: the main machine can listen on the rendezvous port; the
-    others can resolve the main machine's address."""
+    others can resolve the main machine's address (`resolve`: `check`; a run waits for a name that does not resolve
+    yet, as a Kubernetes service's before its pod is up)."""
     if cluster.is_main:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -72,6 +73,8 @@ def cluster_problems(cluster: Cluster) -> list[str]:
             except OSError as e:
                 return [f"MAIN_PROCESS_PORT={cluster.port}: this machine (MACHINE_RANK=0) hosts the rendezvous on that "
                         f"port but cannot listen on it ({e.strerror}); choose a free port, the same on every machine"]
+        return []
+    if not resolve:
         return []
     try:
         socket.getaddrinfo(cluster.host, cluster.port)

@@ -262,6 +262,10 @@ def test_check_refuses_incomplete_cluster_settings_at_once(tmp_path):
     assert "MAIN_PROCESS_IP" not in r.stderr
     r = run_cli("check", timeout=120, **env, num_machines=3, rendezvous_timeout=0)
     assert r.returncode == 2 and "MACHINE_RANK=" not in r.stderr and "RENDEZVOUS_TIMEOUT='0'" in r.stderr
+    r = run_cli("check", timeout=120, dataset_id=tmp_path, push_to_hub="false", num_machines=2, machine_rank=1,
+                main_process_ip="no-such-host.invalid")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "MAIN_PROCESS_IP='no-such-host.invalid': this machine cannot resolve it" in r.stderr
 
 
 def test_check_plans_for_the_cluster_and_tries_the_rendezvous_port(tiny_model, dataset, tmp_path):
