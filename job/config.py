@@ -191,6 +191,14 @@ def _auto_bool(raw: str) -> bool | None:
 _auto_bool.allowed = "auto or a boolean: true/false/1/0/yes/no"
 
 
+def _machine_rank(raw: str) -> int | None:
+    """Empty → None: not given (required once NUM_MACHINES > 1, which cross_check says)."""
+    return None if raw.strip() == "" else _number(int, 0, None, False)(raw)
+
+
+_machine_rank.allowed = "an integer >= 0"
+
+
 def opt(default: str, help: str, parse: Callable[[str], Any] | None = None, *, secret: bool = False):
     """A setting: its raw default (as a user would type it), help text and parser.
 
@@ -341,6 +349,19 @@ class OutputSettings:
 @dataclass(frozen=True)
 class ScaleSettings:
     num_processes: int = opt("auto", "Data-parallel processes (auto = one per visible GPU)", _num_processes)
+    # Several machines, through torchrun's c10d rendezvous. cli fills an unset one from the launcher's variables
+    # (PET_NNODES/NNODES/NUM_NODES, PET_NODE_RANK/NODE_RANK, PET_MASTER_ADDR/MASTER_ADDR, PET_MASTER_PORT/MASTER_PORT).
+    num_machines: int = opt("1", "Machines that train together, each running the job with the same settings and its "
+                            "own MACHINE_RANK (OUTPUT_DIR on a filesystem they all share)", _pos_int())
+    machine_rank: int | None = opt("", "This machine's rank, 0 to NUM_MACHINES-1; 0 is the main machine, which hosts "
+                                   "the rendezvous (required with NUM_MACHINES > 1)", _machine_rank)
+    main_process_ip: str = opt("", "Address of the main machine (MACHINE_RANK=0) that every machine can reach "
+                               "(required with NUM_MACHINES > 1)")
+    main_process_port: int = opt("29500", "TCP port of the rendezvous on the main machine",
+                                 _number(int, 1, 65535, False))
+    rendezvous_timeout: float = opt("1800", "Seconds the machines wait for each other to join (long enough for "
+                                    "every machine to pull the image), then exit 2 saying how many joined",
+                                    _number(float, 0.0, None, True))
 
 
 @dataclass(frozen=True)
@@ -583,6 +604,16 @@ def cross_check(s: Settings) -> list[Problem]:
                 "RESUME_FROM_CHECKPOINT")
     for text in lycoris_problems(s.adapter.lycoris_config):
         problem(text, "LYCORIS_CONFIG")
+    scale = s.scale
+    if scale.num_machines > 1 and scale.machine_rank is None:
+        problem(f"NUM_MACHINES={scale.num_machines} needs MACHINE_RANK on each machine: 0 on the main one, 1 to "
+                f"{scale.num_machines - 1} on the others", "NUM_MACHINES", "MACHINE_RANK")
+    if scale.machine_rank is not None and scale.machine_rank >= scale.num_machines:
+        problem(f"MACHINE_RANK={scale.machine_rank} is out of range for NUM_MACHINES={scale.num_machines}: expected 0 "
+                f"to {scale.num_machines - 1}", "MACHINE_RANK", "NUM_MACHINES")
+    if scale.num_machines > 1 and not scale.main_process_ip:
+        problem(f"NUM_MACHINES={scale.num_machines} needs MAIN_PROCESS_IP: the address of the main machine "
+                "(MACHINE_RANK=0) that every machine can reach", "NUM_MACHINES", "MAIN_PROCESS_IP")
     for nick in s.validation.user_prompt_library:
         if not re.fullmatch(r"[\w.<>-]+", nick) or not isinstance(s.validation.user_prompt_library[nick], str):
             problem(f"USER_PROMPT_LIBRARY: entry {nick!r} needs a filename-safe nickname and a string prompt",

@@ -44,6 +44,14 @@ class RankZeroFailed(JobError):
         self.exit_code = exit_code
 
 
+class PeerFailed(JobError):
+    """On every other machine, when one machine's own work (its downloads) failed: they leave with its exit code."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Interrupted(JobError):
     """Stopped by a signal after a resumable checkpoint was written."""
 

@@ -44,7 +44,8 @@ COMPLETION = "completed.json"
 OPERATIONAL = {"output_dir", "hub_retries", "report_to", "tracker_project_name", "tracker_run_name", "webhook_url",
                "pod_action_on_success", "pod_action_on_failure", "hf_home", "hf_endpoint", "wandb_mode",
                "num_processes", "resume_from_checkpoint", "push_checkpoints_to_hub", "vae_batch_size", "profile",
-               "download_stall_timeout"}
+               "download_stall_timeout", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+               "rendezvous_timeout"}
 
 
 def result_settings(public: dict) -> dict:

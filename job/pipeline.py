@@ -66,10 +66,11 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
         return
     quiet_libraries()
     if command == "check":
-        preflight(settings, model.pick_device(), ranks.world)
+        preflight(settings, model.pick_device(), ranks.world, ranks.nodes)
         return
     with started(ranks, model.pick_device()) as ctx:
-        geo = ctx.main_only(lambda: preflight(settings, ctx.device, ctx.world))
+        shared_storage(settings, ctx)
+        geo = ctx.main_only(lambda: preflight(settings, ctx.device, ctx.world, ctx.nodes))
         if command == "demo":
             log.info("demo: tiny built-in AuraFlow, toy shapes, LoKr over all Linear layers (not the seed's "
                      "Attention-only preset, which cannot move a model this small)")
@@ -85,15 +86,23 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
                 failed(e, settings, creds, status, notify)
             ctx.barrier()  # the others leave only once rank 0 has reported it (and uploaded the last checkpoint)
             raise
+        if ctx.nodes > 1:  # the other machines stay until rank 0 has published: one of their torchruns may host
+            ctx.main_only(lambda: publish_or_fail(finish, settings, creds, status, notify))  # the rendezvous it needs
     if not ctx.is_main:
         return
+    if ctx.nodes == 1:
+        publish_or_fail(finish, settings, creds, status, notify)  # rank 0 alone: the others are done
+    notify.close()
+    pod_action(settings.cloud.pod_action_on_success, creds, out)
+
+
+def publish_or_fail(finish: Callable[[], None], settings: Settings, creds: cloud.Credentials, status: StatusFile,
+                    notify) -> None:
     try:
-        finish()  # rank 0 alone: the others are done
+        finish()
     except JobError as e:
         failed(e, settings, creds, status, notify)
         raise
-    notify.close()
-    pod_action(settings.cloud.pod_action_on_success, creds, out)
 
 
 def failed(e: JobError, settings: Settings, creds: cloud.Credentials, status: StatusFile, notify) -> None:
@@ -112,7 +121,46 @@ def pod_action(action: str, creds: cloud.Credentials, out: Path) -> None:
         outputs.mark_pod_action_done(out)
 
 
-def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Grid:
+def shared_storage(s: Settings, ctx: Context) -> None:
+    """Several machines: OUTPUT_DIR, and any cache folder set apart from it, must be one folder that every machine sees
+    at the same path. The caches every rank fills, the checkpoints and the outputs live there."""
+    if ctx.nodes == 1:
+        return
+    specs, text_dir, _, _ = datasets(s)
+    named = [("OUTPUT_DIR", s.output.output_dir)] + [
+        (f"DATA_BACKEND_CONFIG[{spec.id}].cache_dir_vae", spec.cache_dir_vae) for spec in specs if spec.cache_dir_vae
+    ] + ([("DATA_BACKEND_CONFIG text_embeds cache_dir", text_dir)] if text_dir else [])
+    unseen = ctx.unshared([Path(folder) for _, folder in named])
+    problems = [f"{name}={folder!r} is not shared by every machine: machine(s) {', '.join(map(str, machines))} "
+                "(MACHINE_RANK) do not see the file the main process wrote there. With NUM_MACHINES > 1 it must be one "
+                "folder on a filesystem that every machine mounts at the same path (a network volume): the caches, "
+                "checkpoints and outputs live there. HF_HOME may stay on each machine's own disk"
+                for (name, folder), machines in zip(named, unseen) if machines]
+    if problems:
+        raise ConfigError(problems)
+
+
+def on_every_machine(ctx: Context, pulled: hub.Pulled, pull: Callable[[str], hub.Pulled], what: str) -> hub.Pulled:
+    """What rank 0 pulled, on this machine too: each other machine's local rank 0 pulls the same commit into its own
+    HF_HOME, all at once (where HF_HOME is shared, it finds the files there and downloads nothing); a local folder
+    must be on every machine at the same path."""
+    if ctx.nodes == 1:
+        return pulled
+
+    def here() -> hub.Pulled:
+        if ctx.is_main:
+            return pulled
+        if pulled.commit is None:
+            if not Path(pulled.path).is_dir():
+                raise ConfigError([f"{what}={str(pulled.path)!r} is a folder on the main process's machine but not on "
+                                   f"machine {ctx.machine}: every machine needs it at the same path (or use a Hub repo)"])
+            return pulled
+        return pull(pulled.commit)
+
+    return ctx.per_machine(here)
+
+
+def preflight(s: Settings, device: torch.device, processes: int = 1, machines: int = 1) -> model.Grid:
     """Everything that can be refused before weights move: Hub access, device needs, the model's patch grid."""
     problems = model.device_problems(s, device)
     if problems:
@@ -134,13 +182,14 @@ def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Gr
     if problems:
         raise ConfigError(problems)
     training = s.training
-    log.info("plan: %s → LoKr (%s), %s × batch %d × accumulation %d × %d process%s = effective batch %d on %s, %s, "
+    log.info("plan: %s → LoKr (%s), %s × batch %d × accumulation %d × %d process%s%s = effective batch %d on %s, %s, "
              "base %s; output %s%s", s.model_id, s.adapter.lycoris_config.get("algo"),
              f"{training.max_train_steps} steps" if training.max_train_steps else f"{training.num_train_epochs} epochs", training.train_batch_size,
              training.gradient_accumulation_steps, processes, "es" if processes > 1 else "",
+             f" on {machines} machines" if machines > 1 else "",
              training.train_batch_size * training.gradient_accumulation_steps * processes, device.type, training.mixed_precision,
              training.base_model_precision, s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
-    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs), processes)
+    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs), processes // machines)
     return geo
 
 
@@ -178,16 +227,22 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
     device, training, output = ctx.device, s.training, s.output
     stop = StopFlag().install()
     status.update(phase="download")
-    pulled = ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token,
-                                                  output.hub_retries))
+    pulled = on_every_machine(ctx, ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision,
+                                                                        s.access.hf_token, output.hub_retries)),
+                              lambda commit: hub.pull_model(s.model_id, commit, s.access.hf_token, output.hub_retries),
+                              "MODEL_ID")
     model_dir = pulled.path
 
     # data: every dataset pulled and discovered, latents and text embeddings cached (encoders freed after)
     specs, text_dir, _, warnings = datasets(s)
     for warning in warnings if ctx.is_main else []:
         log.warning("%s", warning)
-    copies = [ctx.main_only(lambda spec=spec: hub.pull_dataset(spec.source, s.data.dataset_revision, s.access.hf_token,
-                                                               output.hub_retries)) for spec in specs]
+    copies = [on_every_machine(
+        ctx, ctx.main_only(lambda spec=spec: hub.pull_dataset(spec.source, s.data.dataset_revision, s.access.hf_token,
+                                                              output.hub_retries)),
+        lambda commit, spec=spec: hub.pull_dataset(spec.source, commit, s.access.hf_token, output.hub_retries),
+        f"DATA_BACKEND_CONFIG[{spec.id}].instance_data_dir" if s.data.data_backend_config else "DATASET_ID")
+        for spec in specs]
     sources = [(spec.source, copy.commit) for spec, copy in zip(specs, copies)]
     samples, cache_dirs = data.discover_all(specs, [copy.path for copy in copies], grid, out)
     status.update(phase="caching")
