@@ -6,6 +6,7 @@ mid-write leaves a hidden temporary folder (cleaned up next time), never a check
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -69,6 +70,12 @@ def save(root: Path, step: int, adapter: dict[str, torch.Tensor], state: dict[st
         for f in (ADAPTER, STATE, META):
             _fsync(tmp / f)
     except BaseException as e:
+        # a writer that failed half-way holds its open file through the traceback's frames, and an unlinked file
+        # keeps its blocks while open: let it go, so that the space it took is free again (for status.json, the log)
+        seen = e
+        while seen is not None:
+            seen.__traceback__, seen = None, seen.__cause__ or seen.__context__
+        gc.collect()
         shutil.rmtree(tmp, ignore_errors=True)  # never a half-written folder left behind, whatever went wrong
         before = latest(root)  # what a checkpoint takes on this disk; without one, about its tensors' bytes
         needed = sum(f.stat().st_size for f in before.iterdir()) if before else _nbytes(adapter) + _nbytes(state)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -58,12 +60,14 @@ class Injection:
     """Test-only: JOB_TEST_FAULT=KIND@STEP makes a run meet a fault as the real one arises, so the tests can follow
     it through the real CLI on a CPU. `oom@N`: torch.OutOfMemoryError before step N; `device@N`: the error torch
     raises after a device-side assert, before step N; `enospc@N`: ENOSPC from the write of checkpoint N, its adapter
-    file already in the temporary folder (where the test cannot mount a small tmpfs for a real full disk)."""
+    file already in the temporary folder (where the test cannot mount a small tmpfs for a real full disk); `stop@N`:
+    the process stops itself (SIGSTOP) before step N, so that a test can fill the volume, as another process would,
+    after the preflight's disk check passed, and continue it (SIGCONT)."""
 
     kind: str
     step: int
 
-    KINDS = ("oom", "device", "enospc")
+    KINDS = ("oom", "device", "enospc", "stop")
 
     @classmethod
     def parse(cls, spec: str) -> Injection | None:
@@ -78,6 +82,8 @@ class Injection:
         if step != self.step:
             return
         note = "(injected by JOB_TEST_FAULT)"
+        if point == "step" and self.kind == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         if point == "step" and self.kind == "oom":
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB {note}")
         if point == "step" and self.kind == "device":
@@ -131,7 +137,7 @@ def explain(e: BaseException, scene: Scene) -> JobError:
 
 def _out_of_memory(e: BaseException, scene: Scene) -> str:
     s, where = scene.settings, _where(scene)
-    parts = [f"out of GPU memory {where}{_bucket(scene)}"]
+    parts = []
     est = _estimate(scene)
     gpu = _gpu_memory(scene.device)
     if est is not None:
@@ -140,7 +146,7 @@ def _out_of_memory(e: BaseException, scene: Scene) -> str:
                         else f" (this run is on the {scene.device.type}, not a GPU)"))
     parts.append("lower it with " + ", then ".join(remedies(s, scene)))
     parts.append(_resume(scene))
-    return "; ".join(parts)
+    return f"out of GPU memory {where}{_bucket(scene)}: " + "; ".join(parts)
 
 
 def memory_size(n: float) -> str:
@@ -203,9 +209,9 @@ def _assert_hint(scene: Scene) -> str:
 def _disk_full(e: BaseException, scene: Scene) -> str:
     path, needed = _written(e)
     name, folder = _folder(scene, path)
-    free = _free(folder)
-    what = f", writing {path.name}" if path is not None else ""
-    line = (f"disk full {_where(scene)}{what}: {name} ({folder}) has {_size(free)} free"
+    free, where = _free(folder), _where(scene)
+    what = f", writing {path.name}" if path is not None and path.name not in where else ""
+    line = (f"disk full {where}{what}: {name} ({folder}) has {_size(free)} free"
             + (f", the write needed about {_size(needed)}" if needed else ""))
     return f"{line}; free space there (or give {name} a larger volume) and start the same command again: {_resume(scene)}"
 
