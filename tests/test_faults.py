@@ -348,3 +348,19 @@ def test_a_cache_entry_that_cannot_be_read_is_recomputed_once(tmp_path):
     with pytest.raises(DataError, match="the same command encodes it again at start-up"):
         cache.get(key)
     assert not cache.path(key).exists()
+
+
+def test_the_other_ranks_leave_with_the_code_of_rank_0s_fault(tmp_path):
+    """Rank 0's full disk: the others get exit 7 and, as for any fault, do not wait for rank 0 to report; its
+    divergence: exit 5, and they wait (an orderly end)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from fault_workers import rank_zero_failures
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(rank_zero_failures, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert json.loads((tmp_path / "rank0").read_text()) == [["OSError", None, False], ["DivergedError", 5, False]]
+    assert json.loads((tmp_path / "rank1").read_text()) == [["RankZeroFault", 7, True], ["RankZeroFailed", 5, False]]
