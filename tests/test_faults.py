@@ -260,6 +260,16 @@ def test_a_simulated_enospc_in_the_writer_is_a_full_disk_too(tmp_path):
     assert [p.name for p in root.iterdir()] == ["checkpoint-2"]
 
 
+@pytest.mark.parametrize("setting", ["none", "latest", "checkpoint-2"])
+def test_what_an_interrupted_save_or_download_left_is_removed_at_the_next_start(tmp_path, setting):
+    root = tmp_path / "checkpoints"
+    checkpoint.save(root, 2, {"w": torch.ones(8)}, {}, {})
+    for leftover in (".checkpoint-4.tmp-999", ".checkpoint-1.deleting-999", ".checkpoint-6.download"):
+        (root / leftover / "sub").mkdir(parents=True)
+    checkpoint.choose(setting, root)
+    assert [p.name for p in root.iterdir()] == ["checkpoint-2"]
+
+
 def test_raw_faults_map_to_their_exit_codes():
     assert exit_code(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")) == 8
     assert exit_code(torch.AcceleratorError("CUDA error: device-side assert triggered")) == 9
@@ -322,11 +332,17 @@ def test_an_out_of_memory_outside_the_step_suggests_what_that_round_uses(tmp_pat
                                "(GRADIENT_ACCUMULATION_STEPS=4 keeps the effective batch), then a smaller RESOLUTION;")
 
 
-def test_the_traceback_file_masks_secrets(tmp_path):
+def test_the_traceback_file_masks_secrets(tmp_path, caplog):
     secret = "sk_live_" + "Z" * 24
     log.register_secret(secret)
-    e = RuntimeError(f"upstream said: bad key {secret} and {TOKEN}")
-    err = explain(e, scene(tmp_path))
+    at = scene(tmp_path)
+    at.debug = True  # DEBUG=true: the traceback on the terminal too
+    try:
+        raise RuntimeError(f"upstream said: bad key {secret} and {TOKEN}")
+    except RuntimeError as e:
+        err = explain(e, at)
+    assert "Traceback (most recent call last)" in caplog.text and "RuntimeError: upstream said" in caplog.text
+    assert secret not in caplog.text and TOKEN not in caplog.text
     assert isinstance(err, Unexpected) and err.exit_code == 1
     assert str(err).startswith("unexpected error while preparing the training loop: RuntimeError: upstream said: bad "
                                "key *** and ***;")
