@@ -83,6 +83,15 @@ def _allocator_defaults() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_DEFAULT
 
 
+# DEBUG=true: a failure's traceback on the terminal too (it always goes to OUTPUT_DIR/logs/). JOB_TEST_FAULT: for the
+# tests alone, a fault injected into the run (see faults.Injection); never set it for a real run.
+DEBUG_ENV, TEST_FAULT_ENV = "DEBUG", "JOB_TEST_FAULT"
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes")
+
+
 def _builtin_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auraflow-lokr-job"
 
@@ -204,7 +213,8 @@ def _run(command: str, given: dict[str, str | None]) -> None:
                 raise typer.Exit(launch.relaunch([command], processes, _rank_env(raw, config_file, settings), cluster))
             machines = settings.scale.num_machines
             ranks = Ranks(world=processes * machines, nodes=machines)  # `check` plans for them
-        pipeline.run(command, settings, creds, ranks)
+        pipeline.run(command, settings, creds, ranks, debug=_truthy(os.environ.get(DEBUG_ENV, "")),
+                     test_fault=os.environ.get(TEST_FAULT_ENV, ""))
     except JobError as e:
         if not isinstance(e, RankZeroFailed):  # rank 0 has reported that one
             log.log.error("%s", e)

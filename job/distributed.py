@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from job.errors import JobError, PeerFailed, RankZeroFailed
+from job.errors import Fault, JobError, PeerFailed, RankZeroFailed, RankZeroFault, exit_code
 
 log = logging.getLogger("job")
 T = TypeVar("T")
@@ -73,13 +73,15 @@ class Context:
             try:
                 box[0] = ("ok", fn())
             except Exception as e:
-                code = e.exit_code if isinstance(e, JobError) else 1
-                dist.broadcast_object_list([("failed", code, str(e).splitlines()[0] if str(e) else type(e).__name__)],
-                                           src=0, group=self._waits)
+                code = exit_code(e)  # a full disk or a failed GPU: the others leave with the code rank 0 leaves with
+                fault = isinstance(e, Fault) or not isinstance(e, JobError)  # rank 0 will not wait for them
+                dist.broadcast_object_list([("failed", code, str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                             fault)], src=0, group=self._waits)
                 raise
         dist.broadcast_object_list(box, src=0, group=self._waits)
         if box[0][0] == "failed":
-            raise RankZeroFailed(box[0][1], box[0][2])
+            _, code, message, fault = box[0]
+            raise (RankZeroFault if fault else RankZeroFailed)(code, message)
         return box[0][1]
 
     def hook(self, due: Callable[[int], bool], work: Callable[[Any], T]) -> Callable[[Any], T | None]:
@@ -261,9 +263,11 @@ def started(ranks: Ranks, device: torch.device) -> Iterator[Context]:
              f" on {ranks.nodes} machines" if ranks.nodes > 1 else "", ranks.master_addr or "local")
     try:
         yield Context(ranks, device, waits)
-    except JobError:  # an orderly end: the ranks are in step, so the group closes cleanly
-        dist.destroy_process_group()
+    except JobError as e:  # an orderly end: the ranks are in step, so the group closes cleanly
+        if not isinstance(e, Fault):
+            dist.destroy_process_group()
         raise
     else:
         dist.destroy_process_group()
-    # any other exception leaves the group as it is: a dead peer can make destroying it hang
+    # a Fault or any other exception leaves the group as it is: a peer still in a collective (or a CUDA context a
+    # failed kernel poisoned) can make destroying it hang

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from job.errors import HubAccessError, PushError
+from job.errors import HubAccessError, PushError, disk_full
 from job.outputs import comfyui_file
 
 log = logging.getLogger("job")
@@ -181,6 +181,8 @@ def _snapshot(ref: str, revision: str, token: str, repo_type: str, allow: list[s
     try:
         path = retry(f"download {what} {ref}", download, attempts)
     except Exception as e:
+        if disk_full(e):  # HF_HOME is full: no Hub error (the central failure report names the folder)
+            raise
         if not _transient(e) or constants.HF_HUB_DISABLE_XET:
             raise _hub_error(what, ref, e) from None
         # Xet transfers are known to stall on large repos: one more round over plain HTTP before giving up
@@ -295,6 +297,7 @@ def fetch_latest_checkpoint(repo: str, dest: Path, *, token: str, attempts: int)
     from huggingface_hub import HfApi, snapshot_download
 
     api = HfApi(token=token)
+    tmp = None
     try:
         steps = retry("list checkpoints", lambda: hub_checkpoints(api, repo), attempts)
         if not steps:
@@ -304,6 +307,10 @@ def fetch_latest_checkpoint(repo: str, dest: Path, *, token: str, attempts: int)
         retry("download checkpoint", lambda: snapshot_download(repo, token=token, allow_patterns=[f"checkpoints/{name}/*"],
                                                                local_dir=str(tmp)), attempts)
     except Exception as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # (and checkpoint.complete clears one a kill left)
+        if disk_full(e):
+            raise
         raise _hub_error("checkpoints of", repo, e) from None
     dest.mkdir(parents=True, exist_ok=True)
     (tmp / "checkpoints" / name).replace(dest / name)

@@ -359,5 +359,9 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 def save_adapter(network, path: Path, lycoris_config: dict) -> None:
     """Write via a temporary name so a crash never leaves a torn adapter under the final name."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix: lycoris picks the format by it
-    network.save_weights(str(tmp), None, adapter_metadata(lycoris_config))
-    tmp.replace(path)
+    try:
+        network.save_weights(str(tmp), None, adapter_metadata(lycoris_config))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no torn temporary file behind
+        raise

@@ -17,7 +17,8 @@ import torch
 from job import builtin, card, checkpoint, cloud, comfyui, data, disk, hub, memory, model, outputs, sample, webhook
 from job.config import Settings, datasets
 from job.distributed import Context, Ranks, started
-from job.errors import ConfigError, Interrupted, JobError
+from job.errors import ConfigError, Fault, Interrupted, JobError
+from job.faults import Injection, Scene, explain
 from job.log import MetricsSink, NullSink, StatusFile, Tracker, make_tracker, quiet_libraries
 from job.loss import eval_loss
 from job.signals import StopFlag
@@ -52,10 +53,13 @@ def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     return defaults, forced
 
 
-def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks | None = None) -> None:
+def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks | None = None, *,
+        debug: bool = False, test_fault: str = "") -> None:
     """`ranks`: this process's place among NUM_PROCESSES (for `check`, the layout a run would have; default: one
-    process). Every rank runs this; rank 0 alone talks to the Hub and writes the outputs."""
+    process). Every rank runs this; rank 0 alone talks to the Hub and writes the outputs. `debug` (DEBUG): a
+    failure's traceback on the terminal too; `test_fault` (JOB_TEST_FAULT): test-only, see faults.Injection."""
     ranks = ranks or Ranks()
+    injection = Injection.parse(test_fault)
     out = Path(settings.output.output_dir)
     record = outputs.finished_run(out, settings.public_dict()) if command != "check" else None
     if record:
@@ -79,40 +83,48 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
         status = StatusFile(out / "status.json" if ctx.is_main else None)
         notify = webhook.make(settings.output.webhook_url if ctx.is_main else "",
                               settings.output.hub_model_id or out.resolve().name)
+        scene = Scene(settings, geo, ctx.device, status, ctx.rank, debug, injection)
         try:
-            finish = train(settings, ctx, geo, status, notify)
-        except JobError as e:
-            if ctx.is_main:
-                failed(e, settings, creds, status, notify)
-            ctx.barrier()  # the others leave only once rank 0 has reported it (and uploaded the last checkpoint)
-            raise
+            finish = train(settings, ctx, geo, status, notify, scene)
+        except Exception as e:
+            error = failed(e, scene, creds, notify)
+            if not isinstance(error, Fault):
+                ctx.barrier()  # the others leave only once rank 0 has reported it (and uploaded the last checkpoint)
+            raise error from None
         if ctx.nodes > 1:  # the other machines stay until rank 0 has published: one of their torchruns may host
-            ctx.main_only(lambda: publish_or_fail(finish, settings, creds, status, notify))  # the rendezvous it needs
+            ctx.main_only(lambda: publish_or_fail(finish, scene, creds, notify))  # the rendezvous it needs
     if not ctx.is_main:
         return
     if ctx.nodes == 1:
-        publish_or_fail(finish, settings, creds, status, notify)  # rank 0 alone: the others are done
+        publish_or_fail(finish, scene, creds, notify)  # rank 0 alone: the others are done
     notify.close()
     pod_action(settings.cloud.pod_action_on_success, creds, out)
 
 
-def publish_or_fail(finish: Callable[[], None], settings: Settings, creds: cloud.Credentials, status: StatusFile,
-                    notify) -> None:
+def publish_or_fail(finish: Callable[[], None], scene: Scene, creds: cloud.Credentials, notify) -> None:
     try:
         finish()
-    except JobError as e:
-        failed(e, settings, creds, status, notify)
-        raise
+    except Exception as e:
+        raise failed(e, scene, creds, notify) from None
 
 
-def failed(e: JobError, settings: Settings, creds: cloud.Credentials, status: StatusFile, notify) -> None:
-    """Say so in status.json and the webhook, and stop the pod when asked to."""
-    status.update(phase="interrupted" if isinstance(e, Interrupted) else "failed", last_error=str(e))
-    notify.send("interrupted" if isinstance(e, Interrupted) else "failed", str(e).splitlines()[0],
-                exit_code=e.exit_code)
+def failed(e: Exception, scene: Scene, creds: cloud.Credentials, notify) -> JobError:
+    """The one place where any failure after preflight becomes its outcome: the failure kind with its exit code and
+    a one-line message (a fault's traceback in OUTPUT_DIR/logs/), then, from rank 0, status.json, the webhook event
+    and POD_ACTION_ON_FAILURE. Returns the error the job exits with."""
+    error = explain(e, scene)
+    if scene.rank != 0:
+        return error
+    interrupted = isinstance(error, Interrupted)
+    try:
+        scene.status.update(phase="interrupted" if interrupted else "failed", last_error=str(error))
+    except OSError as write_error:  # a full disk may refuse even this; the log line and the webhook still go out
+        log.warning("status.json not updated (%s)", write_error)
+    notify.send("interrupted" if interrupted else "failed", str(error).splitlines()[0], exit_code=error.exit_code)
     notify.close()
-    if not isinstance(e, Interrupted) and settings.cloud.pod_action_on_failure == "stop":
+    if not interrupted and scene.settings.cloud.pod_action_on_failure == "stop":
         cloud.act("stop", creds)  # a signal means the platform is stopping us already
+    return error
 
 
 def pod_action(action: str, creds: cloud.Credentials, out: Path) -> None:
@@ -220,9 +232,11 @@ def report_memory(s: Settings, device: torch.device, size, adapter_params: int, 
                     "training" if host.train > host.load else "loading the transformer", remedy)
 
 
-def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notify) -> Callable[[], None]:
+def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notify,
+          scene: Scene | None = None) -> Callable[[], None]:
     """Every rank: pull (rank 0 alone), cache (each rank its share), train. Returns what rank 0 does next, alone:
-    publishing the results."""
+    publishing the results. `scene` learns the model folder and the trainer, for a failure's message."""
+    scene = scene or Scene(s, grid, ctx.device, status, ctx.rank)
     out = Path(s.output.output_dir)
     device, training, output = ctx.device, s.training, s.output
     stop = StopFlag().install()
@@ -231,7 +245,7 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
                                                                         s.access.hf_token, output.hub_retries)),
                               lambda commit: hub.pull_model(s.model_id, commit, s.access.hf_token, output.hub_retries),
                               "MODEL_ID")
-    model_dir = pulled.path
+    model_dir = scene.model_dir = pulled.path
 
     # data: every dataset pulled and discovered, latents and text embeddings cached (encoders freed after)
     specs, text_dir, _, warnings = datasets(s)
@@ -297,7 +311,9 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
                ctx.hook(every(rounds), lambda tr: validate(tr, validator, tr.step, notify, tracker))],
         metrics=(MetricsSink(out / "metrics.jsonl", resume_step=resume.step if resume else 0, tracker=tracker)
                  if ctx.is_main else NullSink()),
-        should_stop=stop, status=status, on_checkpoint=lambda path: checkpointed(path, uploader, notify))
+        should_stop=stop, status=status, on_checkpoint=lambda path: checkpointed(path, uploader, notify),
+        fault=scene.injection)
+    scene.trainer = trainer
     status.update(phase="training", step=trainer.step, total_steps=total)
     notify.send("started", f"training {s.model_id} on {', '.join(ref for ref, _ in sources)}: "
                            f"{len(samples)} images, steps {trainer.step}→{total}", step=trainer.step, total_steps=total)

@@ -93,6 +93,8 @@ def encode_images(model_dir: Path, samples: list[Sample], cache_dirs: list[Path]
         keys = cache_latents([samples[i] for i in idx], cache, functools.partial(model.encode_latents, vae),
                              batch_size, mine=ctx.share)
         latents_of.update({idx[j]: (cache, key) for j, key in keys.items()})
+        cache.refill = functools.partial(_refill_latents, model_dir, device, cache,
+                                         {key: samples[idx[j]] for j, key in keys.items()})
     del vae
     model.release(device)
     if ctx.world > 1:
@@ -134,7 +136,29 @@ def encode_captions(model_dir: Path, captions: list[str], folder: Path, device: 
     del text_pipe
     model.release(device)
     ctx.barrier()  # every rank's share is written
+    cache.refill = functools.partial(_refill_text, model_dir, device, cache, {key: c for c, key in keys.items()})
     return cache, keys
+
+
+# An entry found unreadable mid-run (TensorCache.get): encoded again as at start-up, on the same device (so to the
+# same values and dtype), with its encoder loaded for it and freed after.
+
+def _refill_latents(model_dir: Path, device: torch.device, cache: TensorCache, samples: dict[str, Sample],
+                    key: str) -> None:
+    if key not in samples:  # a mask beside the latents: encode_masks makes it again at the next start
+        return
+    vae = model.load_vae(model_dir, device)
+    cache_latents([samples[key]], cache, functools.partial(model.encode_latents, vae), 1)
+    del vae
+    model.release(device)
+
+
+def _refill_text(model_dir: Path, device: torch.device, cache: TensorCache, captions: dict[str, str],
+                 key: str) -> None:
+    text_pipe = model.load_text_encoder(model_dir, device)
+    cache_text([captions[key]], cache, functools.partial(_encode_text, text_pipe, device))
+    del text_pipe
+    model.release(device)
 
 
 def _encode_text(text_pipe, device: torch.device, captions: list[str]) -> torch.Tensor:
