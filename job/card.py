@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from job.config import Settings, mask_secrets
+from job.config import Settings, mask_secrets, tokenizer_max_length
 
 SNIPPET = '''```python
 import torch
@@ -25,6 +25,7 @@ image = pipe(
     guidance_scale={guidance},
     width={width},
     height={height},
+    max_sequence_length={max_length},
     generator=torch.Generator("cpu").manual_seed({seed}),
 ).images[0]
 image.save("output.png")
@@ -69,7 +70,7 @@ def render(s: Settings, *, repo: str, model_commit: str | None, datasets: list[t
         "## Inference", "",
         SNIPPET.format(base=s.model_id, repo=repo, prompt=prompt, negative=v.validation_negative_prompt,
                        steps=v.validation_num_inference_steps, guidance=v.validation_guidance, width=w, height=h,
-                       seed=v.validation_seed),
+                       seed=v.validation_seed, max_length=tokenizer_max_length(s)),
     ]
     text = mask_secrets(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n", s.secrets())
     ModelCard(text, ignore_metadata_errors=False)  # parses the metadata block back: a malformed card fails here
