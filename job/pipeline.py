@@ -269,7 +269,8 @@ def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: 
         model.save_adapter(trainer.network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
         final_images = validator.render(trainer.step, final=True)
     sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
-    resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
+    resolved = {"resolved_total_steps": total, "resolved_tokenizer_max_length": tokenizer_max_length(s),
+                "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})
     card.write(out / "README.md", card.render(s, repo=output.hub_model_id or out.name, model_commit=pulled.commit,

@@ -84,7 +84,8 @@ def plan(infos: list[zipfile.ZipInfo]) -> tuple[list[tuple[PurePosixPath, zipfil
 
 def extract(archive: Path, cache: Path, *, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES) -> Path:
     """The folder holding `archive`'s images and captions, extracted into `cache` the first time. Raises
-    zipfile.BadZipFile for an archive that cannot be opened, DataError for one over the caps."""
+    zipfile.BadZipFile (or ValueError, EOFError for some damaged directories) for an archive that cannot be opened,
+    DataError for one over the caps."""
     target = cache / f"{archive_identity(archive)[:32]}-r{_RULES}"
     if target.is_dir():
         log.info("archive %s: extracted before, in %s", archive.name, target)
@@ -181,8 +182,9 @@ class Archives:
             rel = z.relative_to(self.root).as_posix()
             try:
                 folders.append((rel + "/", content_root(extract(z, self.cache))))
-            except zipfile.BadZipFile as e:
-                log.warning("dataset %s: %s is not a readable zip archive (%s); skipped", self.where, rel, e)
+            except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as e:  # a damaged directory
+                log.warning("dataset %s: %s is not a readable zip archive (%s: %s); skipped", self.where, rel,
+                            type(e).__name__, e)
                 bad.append(rel)
         loose = Folder(self.root, self.caption_strategy, self.instance_prompt)
         if any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(
