@@ -72,6 +72,37 @@ def toy(tmp_path_factory, count: int = 8) -> list[tuple[bytes, str]]:
     return [(p.read_bytes(), p.with_suffix(".txt").read_text().strip()) for p in sorted(folder.glob("*.png"))]
 
 
+# ------------------------------------------------------------------------------------------------ settings
+
+def test_huggingface_entries_take_simpletuners_keys_from_the_entry_and_its_block(tmp_path):
+    entries = [
+        {"id": "hf", "type": "huggingface", "dataset_name": "me/tags", "split": "holdout", "revision": "v2",
+         "huggingface": {"image_column": "jpg", "caption_column": ["short", "long"], "split": "ignored",
+                         "filter_func": {"min_width": 512}}, "metadata_backend": "huggingface"},
+        {"id": "zips", "type": "local", "instance_data_dir": str(tmp_path), "caption_column": "prompt"},
+    ]
+    s = build_settings([{"data_backend_config": json.dumps(entries), "push_to_hub": "false", "image_column": "img",
+                         "dataset_revision": "main"}])
+    specs, _, problems, warnings = datasets(s)
+    assert problems == []
+    hf, local = specs
+    assert (hf.source, hf.split, hf.revision, hf.image_column, hf.caption_column, hf.caption_strategy) == (
+        "me/tags", "holdout", "v2", "jpg", ("short", "long"), "huggingface")  # the entry's own split wins
+    assert (local.source, local.split, local.image_column, local.caption_column, local.caption_strategy) == (
+        str(tmp_path), "train", "img", ("prompt",), "textfile")  # the rest from the top-level settings
+    assert "DATA_BACKEND_CONFIG: huggingface.filter_func ignored (not a setting of this job)" in warnings
+    bad = [{"id": "a", "type": "huggingface", "split": 3, "huggingface": {"caption_column": [1]}},
+           {"id": "b", "type": "s3", "instance_data_dir": str(tmp_path)}]
+    with pytest.raises(ConfigError) as e:
+        build_settings([{"data_backend_config": json.dumps(bad), "push_to_hub": "false"}])
+    assert sorted(e.value.problems) == sorted([
+        "DATA_BACKEND_CONFIG[a].dataset_name is required for type huggingface (a Hub dataset repo id)",
+        "DATA_BACKEND_CONFIG[a].split=3: expected a non-empty string",
+        "DATA_BACKEND_CONFIG[a].huggingface.caption_column=[1]: expected a column name or a list of column names",
+        "DATA_BACKEND_CONFIG[b].type='s3': expected local (a folder: images, zips or parquet shards) or huggingface "
+        "(a Hub dataset repo)"])
+
+
 # ------------------------------------------------------------------------------------------------ layouts
 
 def test_the_layout_and_split_come_from_the_file_names():
