@@ -32,7 +32,8 @@ MODEL_FILES = [
     "vae/*.json", "vae/*.safetensors",
 ]
 NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.py", "*.fp16.safetensors"]
-CONFIG_FILES = ["model_index.json", "transformer/config.json", "vae/config.json"]
+CONFIG_FILES = ["model_index.json", "transformer/config.json", "vae/config.json", "tokenizer/tokenizer_config.json",
+                "text_encoder/config.json"]
 PUSHED = ["pytorch_lora_weights.safetensors", "lycoris_config.json", "training_config.json", "README.md",
           "loss.png", "samples/*.png", "samples/step-*/*.png"]
 RETRY_BASE_S = 1.0
@@ -141,8 +142,9 @@ def preflight(*, token: str, model: tuple[str, str], datasets: list[tuple[str, s
 
 
 def pending_download(ref: str, revision: str, token: str, repo_type: str, allow: list[str] | None,
-                     attempts: int) -> tuple[int, list[str]]:
-    """(bytes not yet in the local cache, the repo's files that a pull would fetch), for the disk preflight."""
+                     attempts: int) -> tuple[int, dict[str, int]]:
+    """(bytes not yet in the local cache, {file: size} of the repo's files that a pull would fetch), for the disk
+    preflight and for choosing what to pull (a parquet dataset's split)."""
     import fnmatch
 
     from huggingface_hub import HfApi, try_to_load_from_cache
@@ -159,7 +161,7 @@ def pending_download(ref: str, revision: str, token: str, repo_type: str, allow:
     pending = sum(f.size or 0 for f in files
                   if not isinstance(try_to_load_from_cache(ref, f.rfilename, revision=info.sha, repo_type=repo_type),
                                     str))
-    return pending, [f.rfilename for f in files]
+    return pending, {f.rfilename: f.size or 0 for f in files}
 
 
 def cache_folder() -> Path:
@@ -205,9 +207,10 @@ def pull_model(ref: str, revision: str, token: str, attempts: int = 3) -> Pulled
     return Pulled(folder, None) if folder else _snapshot(ref, revision, token, "model", MODEL_FILES, "model", attempts)
 
 
-def pull_dataset(ref: str, revision: str, token: str, attempts: int = 3) -> Pulled:
+def pull_dataset(ref: str, revision: str, token: str, attempts: int = 3, allow: list[str] | None = None) -> Pulled:
+    """`allow`: the files to fetch (a parquet dataset's split), None for all."""
     folder = local_folder(ref)
-    return Pulled(folder, None) if folder else _snapshot(ref, revision, token, "dataset", None, "dataset", attempts)
+    return Pulled(folder, None) if folder else _snapshot(ref, revision, token, "dataset", allow, "dataset", attempts)
 
 
 # ---------------------------------------------------------------- pushes

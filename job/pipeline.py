@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from job import builtin, card, checkpoint, cloud, comfyui, data, disk, hub, memory, model, outputs, sample, webhook
-from job.config import Settings, datasets
+from job.config import Settings, datasets, tokenizer_max_length
 from job.distributed import Context, Ranks, started
-from job.errors import ConfigError, Fault, Interrupted, JobError
+from job.errors import ConfigError, DataError, Fault, Interrupted, JobError
 from job.faults import Injection, Scene, explain
 from job.log import MetricsSink, NullSink, StatusFile, Tracker, make_tracker, quiet_libraries
 from job.loss import eval_loss
@@ -179,11 +179,13 @@ def preflight(s: Settings, device: torch.device, processes: int = 1, machines: i
         raise ConfigError(problems)
     output, specs = s.output, datasets(s)[0]
     hub.preflight(token=s.access.hf_token, model=(s.model_id, s.model.model_revision),
-                  datasets=[(spec.source, s.data.dataset_revision) for spec in specs],
+                  datasets=[(spec.source, spec.revision) for spec in specs],
                   output_repo=output.hub_model_id if output.push_to_hub else None, attempts=output.hub_retries)
     config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, output.hub_retries)
     geo = model.read_grid(config_dir)
     problems += model.resolution_problems(s, geo, [spec.resolution for spec in specs])
+    problems += model.text_length_problems(s, config_dir)
+    problems += dataset_problems(s, specs)
     adapter_problems, adapter_params, size = model.adapter_check(config_dir, s.adapter.lycoris_config)
     problems += adapter_problems
     if not problems:
@@ -241,24 +243,24 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
     device, training, output = ctx.device, s.training, s.output
     stop = StopFlag().install()
     status.update(phase="download")
+
+    # data: every dataset pulled and discovered (before the model, so a dataset that does not fit the settings stops
+    # the run before gigabytes of weights move), latents and text embeddings cached (encoders freed after)
+    specs, text_dir, _, warnings = datasets(s)
+    for warning in warnings if ctx.is_main else []:
+        log.warning("%s", warning)
+    copies = [on_every_machine(
+        ctx, ctx.main_only(lambda spec=spec: pull_dataset(s, spec)),
+        lambda commit, spec=spec: pull_dataset(s, spec, commit),
+        f"DATA_BACKEND_CONFIG[{spec.id}].instance_data_dir" if s.data.data_backend_config else "DATASET_ID")
+        for spec in specs]
+    sources = [(spec.source, copy.commit) for spec, copy in zip(specs, copies)]
+    samples, cache_dirs = data.discover_all(specs, [copy.path for copy in copies], grid, out)
     pulled = on_every_machine(ctx, ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision,
                                                                         s.access.hf_token, output.hub_retries)),
                               lambda commit: hub.pull_model(s.model_id, commit, s.access.hf_token, output.hub_retries),
                               "MODEL_ID")
     model_dir = scene.model_dir = pulled.path
-
-    # data: every dataset pulled and discovered, latents and text embeddings cached (encoders freed after)
-    specs, text_dir, _, warnings = datasets(s)
-    for warning in warnings if ctx.is_main else []:
-        log.warning("%s", warning)
-    copies = [on_every_machine(
-        ctx, ctx.main_only(lambda spec=spec: hub.pull_dataset(spec.source, s.data.dataset_revision, s.access.hf_token,
-                                                              output.hub_retries)),
-        lambda commit, spec=spec: hub.pull_dataset(spec.source, commit, s.access.hf_token, output.hub_retries),
-        f"DATA_BACKEND_CONFIG[{spec.id}].instance_data_dir" if s.data.data_backend_config else "DATASET_ID")
-        for spec in specs]
-    sources = [(spec.source, copy.commit) for spec, copy in zip(specs, copies)]
-    samples, cache_dirs = data.discover_all(specs, [copy.path for copy in copies], grid, out)
     status.update(phase="caching")
     t0 = time.monotonic()
     samples, latents_of = data.encode_images(model_dir, samples, cache_dirs, s.data.vae_batch_size, device, ctx)
@@ -267,7 +269,7 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
     fallback = samples[0].captions[0]  # validation prompt when none is configured
     captions = [c for smp in samples for c in smp.captions] + [""] + sample.prompts_to_cache(s, fallback)
     text_cache, text_keys = data.encode_captions(model_dir, captions, Path(text_dir) if text_dir else out / "cache" / "text",
-                                                 device, ctx)
+                                                 device, ctx, max_length=tokenizer_max_length(s))
     cached = data.Cached(samples, latents_of, text_cache, text_keys, masks_of)
     log.info("caching done in %.1fs", time.monotonic() - t0)
 
@@ -343,7 +345,8 @@ def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: 
     comfyui.write(out / outputs.ADAPTER_FILE, out / outputs.comfyui_file(output.hub_model_id or out.name),
                   trainer.transformer, enabled=output.export_comfyui)
     sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
-    resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
+    resolved = {"resolved_total_steps": total, "resolved_tokenizer_max_length": tokenizer_max_length(s),
+                "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})
     card.write(out / "README.md", card.render(s, repo=output.hub_model_id or out.name, model_commit=pulled.commit,
@@ -368,8 +371,40 @@ def every(n: int) -> Callable[[int], bool]:
     return lambda step: n > 0 and step % n == 0
 
 
+def dataset_files(s: Settings, spec) -> tuple[Path | None, dict[str, int]]:
+    """(the local folder or None, {file: size}) of a dataset: listed on disk, or asked of the Hub."""
+    if folder := hub.local_folder(spec.source):
+        return folder, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    return None, hub.pending_download(spec.source, spec.revision, s.access.hf_token, "dataset", None,
+                                      s.output.hub_retries)[1]
+
+
+def dataset_problems(s: Settings, specs) -> list[str]:
+    """What the datasets' file names already refuse: a DATASET_SPLIT (or an entry's split) that names no shards."""
+    problems = []
+    for spec in specs:
+        _, files = dataset_files(s, spec)
+        if problem := data.split_problem(list(files), spec.split, spec.source):
+            problems.append(problem)
+    return problems
+
+
+def pull_dataset(s: Settings, spec, revision: str | None = None) -> hub.Pulled:
+    """A Hub dataset with only what its layout needs (a parquet dataset's split), at `revision` (default: the
+    dataset's setting); a local folder as it is."""
+    allow = None
+    if not hub.local_folder(spec.source):
+        _, files = dataset_files(s, spec)
+        if problem := data.split_problem(list(files), spec.split, spec.source):
+            raise DataError(problem)
+        allow = data.pull_patterns(list(files), spec.split)
+    return hub.pull_dataset(spec.source, revision or spec.revision, s.access.hf_token, s.output.hub_retries,
+                            allow=allow)
+
+
 def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]:
-    """The facts disk.run_needs sums: what is still to download (asked of the Hub) and how many images."""
+    """The facts disk.run_needs sums: what is still to download (asked of the Hub), how many images (counted, or
+    for a Hub dataset of parquet shards or archives estimated from their size), what archives extract to."""
     retries = s.output.hub_retries
     model_download = None
     if not hub.local_folder(s.model_id):
@@ -378,14 +413,17 @@ def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]
     plans = []
     for spec in specs:
         download = None
-        if folder := hub.local_folder(spec.source):
-            files = [p.name for p in folder.rglob("*")]
-        else:
-            download, files = hub.pending_download(spec.source, s.data.dataset_revision, s.access.hf_token, "dataset",
-                                                   None, retries)
-        images = sum(1 for f in files if Path(f).suffix.lower() in data.IMAGE_SUFFIXES)
+        folder, files = dataset_files(s, spec)
+        if folder is None:
+            download, files = hub.pending_download(spec.source, spec.revision, s.access.hf_token, "dataset",
+                                                   data.pull_patterns(list(files), spec.split), retries)
+        found = data.footprint(files, spec.split, folder)
+        if found.estimated:
+            log.info("disk: dataset %s: about %d image(s), estimated from the size of its files (counted once they "
+                     "are downloaded)", spec.source, found.images)
         latent_cache = Path(spec.cache_dir_vae) if spec.cache_dir_vae else Path(s.output.output_dir) / "cache" / "vae"
-        plans.append(disk.DatasetPlan(spec.source, download, images, spec.resolution, latent_cache))
+        plans.append(disk.DatasetPlan(spec.source, download, found.images, spec.resolution, latent_cache,
+                                      found.unpacked))
     mem = s.memory
     offload_folder = Path(mem.group_offload_to_disk_path) if mem.enable_group_offload and mem.group_offload_to_disk_path \
         else None
@@ -393,7 +431,8 @@ def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]
                           datasets=plans, offload_folder=offload_folder,
                           offload_bytes=int(memory.weight_bytes(size, s.training.base_model_precision,
                                                                 s.training.mixed_precision)) if offload_folder else 0,
-                          adapter_params=adapter_params, keep_checkpoints=s.checkpoints.checkpoints_total_limit)
+                          adapter_params=adapter_params, keep_checkpoints=s.checkpoints.checkpoints_total_limit,
+                          text_tokens=tokenizer_max_length(s))
 
 
 def validate(trainer: Trainer, validator: sample.Validator, step: int, notify, tracker) -> None:
