@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from job.config import Settings
+from job.config import Settings, tokenizer_max_length
 from job.log import redact
 from job.outputs import ADAPTER_FILE, comfyui_file
 
@@ -27,6 +27,7 @@ image = pipe(
     guidance_scale={guidance},
     width={width},
     height={height},
+    max_sequence_length={max_length},
     generator=torch.Generator("cpu").manual_seed({seed}),
 ).images[0]
 image.save("output.png")
@@ -75,7 +76,8 @@ def render(s: Settings, *, repo: str, model_commit: str | None, datasets: list[t
         "## Inference with diffusers", "",
         SNIPPET.format(base=s.model_id, repo=repo, adapter=ADAPTER_FILE, prompt=prompt,
                        negative=v.validation_negative_prompt, steps=v.validation_num_inference_steps,
-                       guidance=v.validation_guidance, width=w, height=h, seed=v.validation_seed),
+                       guidance=v.validation_guidance, width=w, height=h, seed=v.validation_seed,
+                       max_length=tokenizer_max_length(s)),
         *comfyui_steps(s, repo),
     ]
     text = redact(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n", s.secrets())

@@ -46,8 +46,12 @@ def export(adapter: Path, dest: Path, transformer: torch.nn.Module) -> None:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
-    save_file(renamed(tensors, transformer), str(tmp), metadata=metadata)
-    tmp.replace(dest)
+    try:
+        save_file(renamed(tensors, transformer), str(tmp), metadata=metadata)
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no torn temporary file behind
+        raise
 
 
 def write(adapter: Path, dest: Path, transformer: torch.nn.Module, *, enabled: bool) -> None:

@@ -27,6 +27,9 @@ FLAVOURS = {
     "v0.3": "terminusresearch/auraflow-v0.3",
     "pony": "purplesmartai/pony-v7-base",
 }
+# TOKENIZER_MAX_LENGTH=0: AuraFlowPipeline's own default (256) for fal's releases, so the pipeline called without
+# max_sequence_length matches training; Pony v7 is trained on long tag prompts (SimpleTuner allows it 768).
+TOKENIZER_MAX_LENGTH_DEFAULTS = {"v0.1": 256, "v0.2": 256, "v0.3": 256, "pony": 768}
 OPTIMIZERS = (
     "adamw", "adamw_bf16", "optimi-adamw", "optimi-lion",
     "bnb-adamw8bit", "bnb-lion8bit", "bnb-adamw8bit-paged", "bnb-lion8bit-paged",
@@ -191,6 +194,14 @@ def _auto_bool(raw: str) -> bool | None:
 _auto_bool.allowed = "auto or a boolean: true/false/1/0/yes/no"
 
 
+def _machine_rank(raw: str) -> int | None:
+    """Empty → None: not given (required once NUM_MACHINES > 1, which cross_check says)."""
+    return None if raw.strip() == "" else _number(int, 0, None, False)(raw)
+
+
+_machine_rank.allowed = "an integer >= 0"
+
+
 def opt(default: str, help: str, parse: Callable[[str], Any] | None = None, *, secret: bool = False):
     """A setting: its raw default (as a user would type it), help text and parser.
 
@@ -220,9 +231,16 @@ class ModelSettings:
 class DataSettings:
     dataset_id: str = opt("", "Hub dataset repo id or local folder of images (required unless DATA_BACKEND_CONFIG)")
     dataset_revision: str = opt("main", "Branch, tag or commit of DATASET_ID on the Hub")
+    dataset_split: str = opt("train", "Split of a parquet dataset (the datasets layout: data/<split>-*.parquet); "
+                             "only its shards are downloaded")
+    image_column: str = opt("", "Parquet: the image column (an image {bytes, path} or binary column); empty = the "
+                            "column typed as an image")
+    caption_column: str = opt("", "Parquet: the caption column (text or a list of texts); empty = the first of "
+                              "text, caption, prompt")
     caption_strategy: str = opt("textfile", "Where captions come from: textfile (sibling .txt), filename, "
-                                "instanceprompt (INSTANCE_PROMPT), metadata (metadata.jsonl/.csv)",
-                                _choice("textfile", "filename", "instanceprompt", "metadata"))
+                                "instanceprompt (INSTANCE_PROMPT), metadata (metadata.jsonl/.csv), huggingface (a "
+                                "parquet dataset's CAPTION_COLUMN; a folder's metadata.jsonl/.csv)",
+                                _choice("textfile", "filename", "instanceprompt", "metadata", "huggingface"))
     instance_prompt: str = opt("", "Caption for every image with CAPTION_STRATEGY=instanceprompt; shown in the model card")
     resolution: int = opt("1024", "Training resolution in pixels (short side for pixel, sqrt of area for pixel_area)",
                           _pos_int(16))
@@ -233,6 +251,10 @@ class DataSettings:
     crop_aspect: str = opt("square", "Bucket shape when cropping: square or preserve (aspect buckets)",
                            _choice("square", "preserve"))
     repeats: int = opt("0", "Extra passes over the dataset per epoch (0 = each image once)", _pos_int(0))
+    tokenizer_max_length: int = opt("0", "Text tokens per caption (longer captions are truncated, and the log "
+                                    "counts them); 0 = MODEL_FLAVOUR's default: "
+                                    + ", ".join(f"{k} {v}" for k, v in TOKENIZER_MAX_LENGTH_DEFAULTS.items()),
+                                    _pos_int(0))
     caption_dropout_probability: float = opt("0.0", "Probability of training a sample with the empty prompt",
                                              _number(float, 0.0, 1.0, False))
     minimum_image_size: int = opt("0", "Skip images smaller than this (short side for pixel, sqrt of area for "
@@ -341,6 +363,19 @@ class OutputSettings:
 @dataclass(frozen=True)
 class ScaleSettings:
     num_processes: int = opt("auto", "Data-parallel processes (auto = one per visible GPU)", _num_processes)
+    # Several machines, through torchrun's c10d rendezvous. cli fills an unset one from the launcher's variables
+    # (PET_NNODES/NNODES/NUM_NODES, PET_NODE_RANK/NODE_RANK, PET_MASTER_ADDR/MASTER_ADDR, PET_MASTER_PORT/MASTER_PORT).
+    num_machines: int = opt("1", "Machines that train together, each running the job with the same settings and its "
+                            "own MACHINE_RANK (OUTPUT_DIR on a filesystem they all share)", _pos_int())
+    machine_rank: int | None = opt("", "This machine's rank, 0 to NUM_MACHINES-1; 0 is the main machine, which hosts "
+                                   "the rendezvous (required with NUM_MACHINES > 1)", _machine_rank)
+    main_process_ip: str = opt("", "Address of the main machine (MACHINE_RANK=0) that every machine can reach "
+                               "(required with NUM_MACHINES > 1)")
+    main_process_port: int = opt("29500", "TCP port of the rendezvous on the main machine",
+                                 _number(int, 1, 65535, False))
+    rendezvous_timeout: float = opt("1800", "Seconds the machines wait for each other to join (long enough for "
+                                    "every machine to pull the image), then exit 2 saying how many joined",
+                                    _number(float, 0.0, None, True))
 
 
 @dataclass(frozen=True)
@@ -583,6 +618,16 @@ def cross_check(s: Settings) -> list[Problem]:
                 "RESUME_FROM_CHECKPOINT")
     for text in lycoris_problems(s.adapter.lycoris_config):
         problem(text, "LYCORIS_CONFIG")
+    scale = s.scale
+    if scale.num_machines > 1 and scale.machine_rank is None:
+        problem(f"NUM_MACHINES={scale.num_machines} needs MACHINE_RANK on each machine: 0 on the main one, 1 to "
+                f"{scale.num_machines - 1} on the others", "NUM_MACHINES", "MACHINE_RANK")
+    if scale.machine_rank is not None and scale.machine_rank >= scale.num_machines:
+        problem(f"MACHINE_RANK={scale.machine_rank} is out of range for NUM_MACHINES={scale.num_machines}: expected 0 "
+                f"to {scale.num_machines - 1}", "MACHINE_RANK", "NUM_MACHINES")
+    if scale.num_machines > 1 and not scale.main_process_ip:
+        problem(f"NUM_MACHINES={scale.num_machines} needs MAIN_PROCESS_IP: the address of the main machine "
+                "(MACHINE_RANK=0) that every machine can reach", "NUM_MACHINES", "MAIN_PROCESS_IP")
     for nick in s.validation.user_prompt_library:
         if not re.fullmatch(r"[\w.<>-]+", nick) or not isinstance(s.validation.user_prompt_library[nick], str):
             problem(f"USER_PROMPT_LIBRARY: entry {nick!r} needs a filename-safe nickname and a string prompt",
@@ -608,11 +653,19 @@ class DatasetSpec:
     cache_dir_vae: str  # "" = OUTPUT_DIR/cache/vae
     regularisation: bool = False  # parent-teacher: the target is the base model's own prediction
     mask_dir: str = ""  # a folder of masks, one per image by relative name (a conditioning dataset's)
+    revision: str = "main"  # of a Hub dataset repo
+    split: str = "train"  # the parquet layout's split
+    image_column: str = ""  # parquet; "" = the image-typed column
+    caption_column: tuple[str, ...] = ()  # parquet; () = the first of text, caption, prompt
 
 
 # DATA_BACKEND_CONFIG keys: honoured (mapped onto DatasetSpec), or known to SimpleTuner but without effect here.
 _BACKEND_KEYS = ("caption_strategy", "instance_prompt", "resolution", "resolution_type", "crop", "crop_style",
                  "crop_aspect", "repeats", "minimum_image_size")
+# SimpleTuner's `"type": "huggingface"` keys (in the entry or its "huggingface" block) → the setting each overrides
+_BACKEND_HUB_KEYS = {"split": "dataset_split", "revision": "dataset_revision", "image_column": "image_column",
+                     "caption_column": "caption_column"}
+_BACKEND_TYPES = ("local", "huggingface")
 _BACKEND_IGNORED = {
     "maximum_image_size": "images are always resized straight to their bucket",
     "target_downsample_size": "images are always resized straight to their bucket",
@@ -624,14 +677,25 @@ _BACKEND_IGNORED = {
 }
 
 
+def _columns(raw: Any) -> tuple[str, ...] | None:
+    """A caption column as SimpleTuner takes it: one name, or a list of names (each a caption of the row)."""
+    if isinstance(raw, str):
+        return (raw.strip(),) if raw.strip() else ()
+    if isinstance(raw, list) and raw and all(isinstance(c, str) and c.strip() for c in raw):
+        return tuple(c.strip() for c in raw)
+    return None
+
+
 def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]:
     """(datasets, text-embedding cache dir or "", problems, warnings) from DATASET_ID or DATA_BACKEND_CONFIG.
 
     Entries take their missing keys from the top-level data settings, as SimpleTuner's do."""
     data = s.data
     base = {k: getattr(data, k) for k in _BACKEND_KEYS}
+    hub = {"revision": data.dataset_revision, "split": data.dataset_split, "image_column": data.image_column,
+           "caption_column": _columns(data.caption_column)}
     if not data.data_backend_config:
-        return [DatasetSpec("dataset", data.dataset_id, cache_dir_vae="", **base)], "", [], []
+        return [DatasetSpec("dataset", data.dataset_id, cache_dir_vae="", **base, **hub)], "", [], []
     specs, problems, ignored, text_dir = [], [], set(), ""
     masks = _mask_datasets(data.data_backend_config, problems)
     for n, entry in enumerate(data.data_backend_config):
@@ -646,7 +710,22 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
             text_dir = str(entry.get("cache_dir", ""))
             ignored |= {k for k in entry if k in _BACKEND_IGNORED}
             continue
-        folder = _local_folder(entry, where, problems, "only local folders are supported")
+        kind = entry.get("type", "local")
+        if kind not in _BACKEND_TYPES:
+            problems.append(f"{where}.type={kind!r}: expected local (a folder: images, zips or parquet shards) or "
+                            "huggingface (a Hub dataset repo)")
+        block = entry.get("huggingface", {})
+        if not isinstance(block, dict):
+            problems.append(f"{where}.huggingface: expected an object")
+            block = {}
+        if kind == "huggingface":
+            source = str(entry.get("dataset_name", block.get("dataset_name", ""))).strip()
+            if not source:
+                problems.append(f"{where}.dataset_name is required for type huggingface (a Hub dataset repo id)")
+        else:
+            source = str(entry.get("instance_data_dir", ""))
+            if not source or not Path(source).expanduser().is_dir():
+                problems.append(f"{where}.instance_data_dir={source!r}: no such folder")
         mask_dir = ""
         if "conditioning_data" in entry:
             ref = entry["conditioning_data"]
@@ -658,6 +737,8 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
             else:
                 mask_dir = masks[ref]
         values = dict(base)
+        if kind == "huggingface":
+            values["caption_strategy"] = "huggingface"  # SimpleTuner's only strategy for these entries
         for key in _BACKEND_KEYS:
             if key in entry:
                 raw = entry[key]
@@ -668,11 +749,29 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
                     problems.append(f"{where}.{key}={raw!r}: {e}")
         if values["caption_strategy"] == "instanceprompt" and not values["instance_prompt"]:
             problems.append(f"{where}: caption_strategy instanceprompt needs instance_prompt")
-        known = set(_BACKEND_KEYS) | {"id", "type", "instance_data_dir", "disabled", "cache_dir_vae", "dataset_type",
-                                      "conditioning_data", *_REGULARISATION_KEYS}
+        columns = dict(hub)
+        for key in _BACKEND_HUB_KEYS:
+            for scope, found in ((f"{where}.huggingface.{key}", block), (f"{where}.{key}", entry)):  # entry wins
+                if key not in found:
+                    continue
+                raw = found[key]
+                if key == "caption_column":
+                    parsed = _columns(raw)
+                    if parsed is None:
+                        problems.append(f"{scope}={raw!r}: expected a column name or a list of column names")
+                    else:
+                        columns[key] = parsed
+                elif not isinstance(raw, str) or not raw.strip():
+                    problems.append(f"{scope}={raw!r}: expected a non-empty string")
+                else:
+                    columns[key] = raw.strip()
+        known = set(_BACKEND_KEYS) | set(_BACKEND_HUB_KEYS) | {
+            "id", "type", "instance_data_dir", "dataset_name", "huggingface", "disabled", "cache_dir_vae",
+            "dataset_type", "conditioning_data", *_REGULARISATION_KEYS}
         ignored |= {k for k in entry if k not in known}
-        specs.append(DatasetSpec(str(entry.get("id", f"dataset-{n}")), folder,
-                                 cache_dir_vae=str(entry.get("cache_dir_vae", "")), **values,
+        ignored |= {f"huggingface.{k}" for k in block if k not in set(_BACKEND_HUB_KEYS) | {"dataset_name"}}
+        specs.append(DatasetSpec(str(entry.get("id", f"dataset-{n}")), source,
+                                 cache_dir_vae=str(entry.get("cache_dir_vae", "")), **values, **columns,
                                  regularisation=any(_truthy(entry.get(k, False)) for k in _REGULARISATION_KEYS),
                                  mask_dir=mask_dir))
     if not specs and not problems:
@@ -720,6 +819,11 @@ def _local_folder(entry: dict, where: str, problems: list[str], other_types: str
     if not folder or not Path(folder).expanduser().is_dir():
         problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
     return folder
+
+
+def tokenizer_max_length(s: Settings) -> int:
+    """TOKENIZER_MAX_LENGTH as used: the setting, or MODEL_FLAVOUR's default when it is 0."""
+    return s.data.tokenizer_max_length or TOKENIZER_MAX_LENGTH_DEFAULTS[s.model.model_flavour]
 
 
 def lycoris_problems(cfg: dict) -> list[str]:

@@ -95,8 +95,12 @@ class StatusFile:
         self.last = now
         self.state["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(redact(json.dumps(self.state, indent=1)), encoding="utf-8")
-        tmp.replace(self.path)
+        try:
+            tmp.write_text(redact(json.dumps(self.state, indent=1)), encoding="utf-8")
+            tmp.replace(self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class Progress:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from job.config import Settings, grid_problems
+from job.config import Settings, grid_problems, tokenizer_max_length
 from job.errors import ConfigError
 from job.precision import BASE_PRECISIONS, MIXED_PRECISIONS, quantised_alternatives
 
 log = logging.getLogger("job")
 
-MAX_SEQUENCE_LENGTH = 256  # what AuraFlowPipeline.encode_prompt uses by default, so inference matches training
+TOKENIZER_UNSET = 10**7  # transformers writes int(1e30) as model_max_length when a tokenizer declares no limit
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,46 @@ def load_text_encoder(model_dir: Path, device: torch.device):
 
 
 @torch.no_grad()
-def encode_prompts(text_pipe, prompts: list[str], device: torch.device) -> torch.Tensor:
+def encode_prompts(text_pipe, prompts: list[str], device: torch.device, max_length: int) -> torch.Tensor:
+    """(len(prompts), max_length, dim): each prompt truncated or padded to `max_length` tokens (TOKENIZER_MAX_LENGTH),
+    as the pipeline's encode_prompt does at inference with max_sequence_length."""
     embeds, _, _, _ = text_pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                              max_sequence_length=MAX_SEQUENCE_LENGTH)
+                                              max_sequence_length=max_length)
     return embeds
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens of each text as the pipeline's tokenizer makes them (with the end-of-sequence token), untruncated."""
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
+
+
+def text_limit(config_dir: Path) -> tuple[int, str] | None:
+    """(the longest token sequence the text encoder declares it takes, where it says so), from the small config
+    files (read before any weights move); None when neither the tokenizer nor the encoder declares one (T5's
+    relative positions have no fixed table)."""
+    for rel, keys in (("tokenizer/tokenizer_config.json", ("model_max_length",)),
+                      ("text_encoder/config.json", ("max_position_embeddings", "n_positions"))):
+        try:
+            cfg = json.loads((config_dir / rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            value = cfg.get(key) if isinstance(cfg, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value < TOKENIZER_UNSET:
+                return value, f"{rel} {key}"
+    return None
+
+
+def text_length_problems(settings: Settings, config_dir: Path) -> list[str]:
+    """TOKENIZER_MAX_LENGTH (or the flavour's default) beyond what the model's text encoder declares."""
+    limit = text_limit(config_dir)
+    length = tokenizer_max_length(settings)
+    if limit is None or length <= limit[0]:
+        return []
+    given = (f"TOKENIZER_MAX_LENGTH={length}" if settings.data.tokenizer_max_length else
+             f"TOKENIZER_MAX_LENGTH (MODEL_FLAVOUR={settings.model.model_flavour}'s default {length})")
+    return [f"{given}: this model's text encoder takes at most {limit[0]} tokens ({limit[1]}); set "
+            f"TOKENIZER_MAX_LENGTH={limit[0]} or lower"]
 
 
 def release(device: torch.device) -> None:
@@ -285,7 +321,7 @@ def memory_estimate(settings: Settings, size, adapter_params: int, resolution: i
     training, memory = settings.training, settings.memory
     return estimate(size, adapter_params, precision=training.base_model_precision,
                     mixed_precision=training.mixed_precision, optimizer=training.optimizer, resolution=resolution,
-                    batch=training.train_batch_size, text_tokens=MAX_SEQUENCE_LENGTH,
+                    batch=training.train_batch_size, text_tokens=tokenizer_max_length(settings),
                     checkpointing=checkpointing(settings),
                     group_offload=memory.enable_group_offload, offload_type=memory.group_offload_type,
                     blocks_per_group=memory.group_offload_blocks_per_group, stream=use_stream(settings, device))
@@ -359,5 +395,9 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 def save_adapter(network, path: Path, lycoris_config: dict) -> None:
     """Write via a temporary name so a crash never leaves a torn adapter under the final name."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix: lycoris picks the format by it
-    network.save_weights(str(tmp), None, adapter_metadata(lycoris_config))
-    tmp.replace(path)
+    try:
+        network.save_weights(str(tmp), None, adapter_metadata(lycoris_config))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no torn temporary file behind
+        raise

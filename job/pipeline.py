@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from job import builtin, card, checkpoint, cloud, comfyui, data, disk, hub, memory, model, outputs, sample, webhook
-from job.config import Settings, datasets
+from job.config import Settings, datasets, tokenizer_max_length
 from job.distributed import Context, Ranks, started
-from job.errors import ConfigError, Interrupted, JobError
+from job.errors import ConfigError, DataError, Fault, Interrupted, JobError
+from job.faults import Injection, Scene, explain
 from job.log import MetricsSink, NullSink, StatusFile, Tracker, make_tracker, quiet_libraries
 from job.loss import eval_loss
 from job.signals import StopFlag
@@ -52,10 +53,13 @@ def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     return defaults, forced
 
 
-def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks | None = None) -> None:
+def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks | None = None, *,
+        debug: bool = False, test_fault: str = "") -> None:
     """`ranks`: this process's place among NUM_PROCESSES (for `check`, the layout a run would have; default: one
-    process). Every rank runs this; rank 0 alone talks to the Hub and writes the outputs."""
+    process). Every rank runs this; rank 0 alone talks to the Hub and writes the outputs. `debug` (DEBUG): a
+    failure's traceback on the terminal too; `test_fault` (JOB_TEST_FAULT): test-only, see faults.Injection."""
     ranks = ranks or Ranks()
+    injection = Injection.parse(test_fault)
     out = Path(settings.output.output_dir)
     record = outputs.finished_run(out, settings.public_dict()) if command != "check" else None
     if record:
@@ -66,10 +70,11 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
         return
     quiet_libraries()
     if command == "check":
-        preflight(settings, model.pick_device(), ranks.world)
+        preflight(settings, model.pick_device(), ranks.world, ranks.nodes)
         return
     with started(ranks, model.pick_device()) as ctx:
-        geo = ctx.main_only(lambda: preflight(settings, ctx.device, ctx.world))
+        shared_storage(settings, ctx)
+        geo = ctx.main_only(lambda: preflight(settings, ctx.device, ctx.world, ctx.nodes))
         if command == "demo":
             log.info("demo: tiny built-in AuraFlow, toy shapes, LoKr over all Linear layers (not the seed's "
                      "Attention-only preset, which cannot move a model this small)")
@@ -78,32 +83,48 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
         status = StatusFile(out / "status.json" if ctx.is_main else None)
         notify = webhook.make(settings.output.webhook_url if ctx.is_main else "",
                               settings.output.hub_model_id or out.resolve().name)
+        scene = Scene(settings, geo, ctx.device, status, ctx.rank, debug, injection)
         try:
-            finish = train(settings, ctx, geo, status, notify)
-        except JobError as e:
-            if ctx.is_main:
-                failed(e, settings, creds, status, notify)
-            ctx.barrier()  # the others leave only once rank 0 has reported it (and uploaded the last checkpoint)
-            raise
+            finish = train(settings, ctx, geo, status, notify, scene)
+        except Exception as e:
+            error = failed(e, scene, creds, notify)
+            if not isinstance(error, Fault):
+                ctx.barrier()  # the others leave only once rank 0 has reported it (and uploaded the last checkpoint)
+            raise error from None
+        if ctx.nodes > 1:  # the other machines stay until rank 0 has published: one of their torchruns may host
+            ctx.main_only(lambda: publish_or_fail(finish, scene, creds, notify))  # the rendezvous it needs
     if not ctx.is_main:
         return
-    try:
-        finish()  # rank 0 alone: the others are done
-    except JobError as e:
-        failed(e, settings, creds, status, notify)
-        raise
+    if ctx.nodes == 1:
+        publish_or_fail(finish, scene, creds, notify)  # rank 0 alone: the others are done
     notify.close()
     pod_action(settings.cloud.pod_action_on_success, creds, out)
 
 
-def failed(e: JobError, settings: Settings, creds: cloud.Credentials, status: StatusFile, notify) -> None:
-    """Say so in status.json and the webhook, and stop the pod when asked to."""
-    status.update(phase="interrupted" if isinstance(e, Interrupted) else "failed", last_error=str(e))
-    notify.send("interrupted" if isinstance(e, Interrupted) else "failed", str(e).splitlines()[0],
-                exit_code=e.exit_code)
+def publish_or_fail(finish: Callable[[], None], scene: Scene, creds: cloud.Credentials, notify) -> None:
+    try:
+        finish()
+    except Exception as e:
+        raise failed(e, scene, creds, notify) from None
+
+
+def failed(e: Exception, scene: Scene, creds: cloud.Credentials, notify) -> JobError:
+    """The one place where any failure after preflight becomes its outcome: the failure kind with its exit code and
+    a one-line message (a fault's traceback in OUTPUT_DIR/logs/), then, from rank 0, status.json, the webhook event
+    and POD_ACTION_ON_FAILURE. Returns the error the job exits with."""
+    error = explain(e, scene)
+    if scene.rank != 0:
+        return error
+    interrupted = isinstance(error, Interrupted)
+    try:
+        scene.status.update(phase="interrupted" if interrupted else "failed", last_error=str(error))
+    except OSError as write_error:  # a full disk may refuse even this; the log line and the webhook still go out
+        log.warning("status.json not updated (%s)", write_error)
+    notify.send("interrupted" if interrupted else "failed", str(error).splitlines()[0], exit_code=error.exit_code)
     notify.close()
-    if not isinstance(e, Interrupted) and settings.cloud.pod_action_on_failure == "stop":
+    if not interrupted and scene.settings.cloud.pod_action_on_failure == "stop":
         cloud.act("stop", creds)  # a signal means the platform is stopping us already
+    return error
 
 
 def pod_action(action: str, creds: cloud.Credentials, out: Path) -> None:
@@ -112,18 +133,59 @@ def pod_action(action: str, creds: cloud.Credentials, out: Path) -> None:
         outputs.mark_pod_action_done(out)
 
 
-def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Grid:
+def shared_storage(s: Settings, ctx: Context) -> None:
+    """Several machines: OUTPUT_DIR, and any cache folder set apart from it, must be one folder that every machine sees
+    at the same path. The caches every rank fills, the checkpoints and the outputs live there."""
+    if ctx.nodes == 1:
+        return
+    specs, text_dir, _, _ = datasets(s)
+    named = [("OUTPUT_DIR", s.output.output_dir)] + [
+        (f"DATA_BACKEND_CONFIG[{spec.id}].cache_dir_vae", spec.cache_dir_vae) for spec in specs if spec.cache_dir_vae
+    ] + ([("DATA_BACKEND_CONFIG text_embeds cache_dir", text_dir)] if text_dir else [])
+    unseen = ctx.unshared([Path(folder) for _, folder in named])
+    problems = [f"{name}={folder!r} is not shared by every machine: machine(s) {', '.join(map(str, machines))} "
+                "(MACHINE_RANK) do not see the file the main process wrote there. With NUM_MACHINES > 1 it must be one "
+                "folder on a filesystem that every machine mounts at the same path (a network volume): the caches, "
+                "checkpoints and outputs live there. HF_HOME may stay on each machine's own disk"
+                for (name, folder), machines in zip(named, unseen) if machines]
+    if problems:
+        raise ConfigError(problems)
+
+
+def on_every_machine(ctx: Context, pulled: hub.Pulled, pull: Callable[[str], hub.Pulled], what: str) -> hub.Pulled:
+    """What rank 0 pulled, on this machine too: each other machine's local rank 0 pulls the same commit into its own
+    HF_HOME, all at once (where HF_HOME is shared, it finds the files there and downloads nothing); a local folder
+    must be on every machine at the same path."""
+    if ctx.nodes == 1:
+        return pulled
+
+    def here() -> hub.Pulled:
+        if ctx.is_main:
+            return pulled
+        if pulled.commit is None:
+            if not Path(pulled.path).is_dir():
+                raise ConfigError([f"{what}={str(pulled.path)!r} is a folder on the main process's machine but not on "
+                                   f"machine {ctx.machine}: every machine needs it at the same path (or use a Hub repo)"])
+            return pulled
+        return pull(pulled.commit)
+
+    return ctx.per_machine(here)
+
+
+def preflight(s: Settings, device: torch.device, processes: int = 1, machines: int = 1) -> model.Grid:
     """Everything that can be refused before weights move: Hub access, device needs, the model's patch grid."""
     problems = model.device_problems(s, device)
     if problems:
         raise ConfigError(problems)
     output, specs = s.output, datasets(s)[0]
     hub.preflight(token=s.access.hf_token, model=(s.model_id, s.model.model_revision),
-                  datasets=[(spec.source, s.data.dataset_revision) for spec in specs],
+                  datasets=[(spec.source, spec.revision) for spec in specs],
                   output_repo=output.hub_model_id if output.push_to_hub else None, attempts=output.hub_retries)
     config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, output.hub_retries)
     geo = model.read_grid(config_dir)
     problems += model.resolution_problems(s, geo, [spec.resolution for spec in specs])
+    problems += model.text_length_problems(s, config_dir)
+    problems += dataset_problems(s, specs)
     adapter_problems, adapter_params, size = model.adapter_check(config_dir, s.adapter.lycoris_config)
     problems += adapter_problems
     if not problems:
@@ -134,13 +196,14 @@ def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Gr
     if problems:
         raise ConfigError(problems)
     training = s.training
-    log.info("plan: %s → LoKr (%s), %s × batch %d × accumulation %d × %d process%s = effective batch %d on %s, %s, "
+    log.info("plan: %s → LoKr (%s), %s × batch %d × accumulation %d × %d process%s%s = effective batch %d on %s, %s, "
              "base %s; output %s%s", s.model_id, s.adapter.lycoris_config.get("algo"),
              f"{training.max_train_steps} steps" if training.max_train_steps else f"{training.num_train_epochs} epochs", training.train_batch_size,
              training.gradient_accumulation_steps, processes, "es" if processes > 1 else "",
+             f" on {machines} machines" if machines > 1 else "",
              training.train_batch_size * training.gradient_accumulation_steps * processes, device.type, training.mixed_precision,
              training.base_model_precision, s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
-    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs), processes)
+    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs), processes // machines)
     return geo
 
 
@@ -171,25 +234,33 @@ def report_memory(s: Settings, device: torch.device, size, adapter_params: int, 
                     "training" if host.train > host.load else "loading the transformer", remedy)
 
 
-def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notify) -> Callable[[], None]:
+def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notify,
+          scene: Scene | None = None) -> Callable[[], None]:
     """Every rank: pull (rank 0 alone), cache (each rank its share), train. Returns what rank 0 does next, alone:
-    publishing the results."""
+    publishing the results. `scene` learns the model folder and the trainer, for a failure's message."""
+    scene = scene or Scene(s, grid, ctx.device, status, ctx.rank)
     out = Path(s.output.output_dir)
     device, training, output = ctx.device, s.training, s.output
     stop = StopFlag().install()
     status.update(phase="download")
-    pulled = ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token,
-                                                  output.hub_retries))
-    model_dir = pulled.path
 
-    # data: every dataset pulled and discovered, latents and text embeddings cached (encoders freed after)
+    # data: every dataset pulled and discovered (before the model, so a dataset that does not fit the settings stops
+    # the run before gigabytes of weights move), latents and text embeddings cached (encoders freed after)
     specs, text_dir, _, warnings = datasets(s)
     for warning in warnings if ctx.is_main else []:
         log.warning("%s", warning)
-    copies = [ctx.main_only(lambda spec=spec: hub.pull_dataset(spec.source, s.data.dataset_revision, s.access.hf_token,
-                                                               output.hub_retries)) for spec in specs]
+    copies = [on_every_machine(
+        ctx, ctx.main_only(lambda spec=spec: pull_dataset(s, spec)),
+        lambda commit, spec=spec: pull_dataset(s, spec, commit),
+        f"DATA_BACKEND_CONFIG[{spec.id}].instance_data_dir" if s.data.data_backend_config else "DATASET_ID")
+        for spec in specs]
     sources = [(spec.source, copy.commit) for spec, copy in zip(specs, copies)]
     samples, cache_dirs = data.discover_all(specs, [copy.path for copy in copies], grid, out)
+    pulled = on_every_machine(ctx, ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision,
+                                                                        s.access.hf_token, output.hub_retries)),
+                              lambda commit: hub.pull_model(s.model_id, commit, s.access.hf_token, output.hub_retries),
+                              "MODEL_ID")
+    model_dir = scene.model_dir = pulled.path
     status.update(phase="caching")
     t0 = time.monotonic()
     samples, latents_of = data.encode_images(model_dir, samples, cache_dirs, s.data.vae_batch_size, device, ctx)
@@ -198,7 +269,7 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
     fallback = samples[0].captions[0]  # validation prompt when none is configured
     captions = [c for smp in samples for c in smp.captions] + [""] + sample.prompts_to_cache(s, fallback)
     text_cache, text_keys = data.encode_captions(model_dir, captions, Path(text_dir) if text_dir else out / "cache" / "text",
-                                                 device, ctx)
+                                                 device, ctx, max_length=tokenizer_max_length(s))
     cached = data.Cached(samples, latents_of, text_cache, text_keys, masks_of)
     log.info("caching done in %.1fs", time.monotonic() - t0)
 
@@ -242,7 +313,9 @@ def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notif
                ctx.hook(every(rounds), lambda tr: validate(tr, validator, tr.step, notify, tracker))],
         metrics=(MetricsSink(out / "metrics.jsonl", resume_step=resume.step if resume else 0, tracker=tracker)
                  if ctx.is_main else NullSink()),
-        should_stop=stop, status=status, on_checkpoint=lambda path: checkpointed(path, uploader, notify))
+        should_stop=stop, status=status, on_checkpoint=lambda path: checkpointed(path, uploader, notify),
+        fault=scene.injection)
+    scene.trainer = trainer
     status.update(phase="training", step=trainer.step, total_steps=total)
     notify.send("started", f"training {s.model_id} on {', '.join(ref for ref, _ in sources)}: "
                            f"{len(samples)} images, steps {trainer.step}→{total}", step=trainer.step, total_steps=total)
@@ -272,7 +345,8 @@ def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: 
     comfyui.write(out / outputs.ADAPTER_FILE, out / outputs.comfyui_file(output.hub_model_id or out.name),
                   trainer.transformer, enabled=output.export_comfyui)
     sample.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png")
-    resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
+    resolved = {"resolved_total_steps": total, "resolved_tokenizer_max_length": tokenizer_max_length(s),
+                "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})
     card.write(out / "README.md", card.render(s, repo=output.hub_model_id or out.name, model_commit=pulled.commit,
@@ -297,8 +371,40 @@ def every(n: int) -> Callable[[int], bool]:
     return lambda step: n > 0 and step % n == 0
 
 
+def dataset_files(s: Settings, spec) -> tuple[Path | None, dict[str, int]]:
+    """(the local folder or None, {file: size}) of a dataset: listed on disk, or asked of the Hub."""
+    if folder := hub.local_folder(spec.source):
+        return folder, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    return None, hub.pending_download(spec.source, spec.revision, s.access.hf_token, "dataset", None,
+                                      s.output.hub_retries)[1]
+
+
+def dataset_problems(s: Settings, specs) -> list[str]:
+    """What the datasets' file names already refuse: a DATASET_SPLIT (or an entry's split) that names no shards."""
+    problems = []
+    for spec in specs:
+        _, files = dataset_files(s, spec)
+        if problem := data.split_problem(list(files), spec.split, spec.source):
+            problems.append(problem)
+    return problems
+
+
+def pull_dataset(s: Settings, spec, revision: str | None = None) -> hub.Pulled:
+    """A Hub dataset with only what its layout needs (a parquet dataset's split), at `revision` (default: the
+    dataset's setting); a local folder as it is."""
+    allow = None
+    if not hub.local_folder(spec.source):
+        _, files = dataset_files(s, spec)
+        if problem := data.split_problem(list(files), spec.split, spec.source):
+            raise DataError(problem)
+        allow = data.pull_patterns(list(files), spec.split)
+    return hub.pull_dataset(spec.source, revision or spec.revision, s.access.hf_token, s.output.hub_retries,
+                            allow=allow)
+
+
 def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]:
-    """The facts disk.run_needs sums: what is still to download (asked of the Hub) and how many images."""
+    """The facts disk.run_needs sums: what is still to download (asked of the Hub), how many images (counted, or
+    for a Hub dataset of parquet shards or archives estimated from their size), what archives extract to."""
     retries = s.output.hub_retries
     model_download = None
     if not hub.local_folder(s.model_id):
@@ -307,14 +413,17 @@ def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]
     plans = []
     for spec in specs:
         download = None
-        if folder := hub.local_folder(spec.source):
-            files = [p.name for p in folder.rglob("*")]
-        else:
-            download, files = hub.pending_download(spec.source, s.data.dataset_revision, s.access.hf_token, "dataset",
-                                                   None, retries)
-        images = sum(1 for f in files if Path(f).suffix.lower() in data.IMAGE_SUFFIXES)
+        folder, files = dataset_files(s, spec)
+        if folder is None:
+            download, files = hub.pending_download(spec.source, spec.revision, s.access.hf_token, "dataset",
+                                                   data.pull_patterns(list(files), spec.split), retries)
+        found = data.footprint(files, spec.split, folder)
+        if found.estimated:
+            log.info("disk: dataset %s: about %d image(s), estimated from the size of its files (counted once they "
+                     "are downloaded)", spec.source, found.images)
         latent_cache = Path(spec.cache_dir_vae) if spec.cache_dir_vae else Path(s.output.output_dir) / "cache" / "vae"
-        plans.append(disk.DatasetPlan(spec.source, download, images, spec.resolution, latent_cache))
+        plans.append(disk.DatasetPlan(spec.source, download, found.images, spec.resolution, latent_cache,
+                                      found.unpacked))
     mem = s.memory
     offload_folder = Path(mem.group_offload_to_disk_path) if mem.enable_group_offload and mem.group_offload_to_disk_path \
         else None
@@ -322,7 +431,8 @@ def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]
                           datasets=plans, offload_folder=offload_folder,
                           offload_bytes=int(memory.weight_bytes(size, s.training.base_model_precision,
                                                                 s.training.mixed_precision)) if offload_folder else 0,
-                          adapter_params=adapter_params, keep_checkpoints=s.checkpoints.checkpoints_total_limit)
+                          adapter_params=adapter_params, keep_checkpoints=s.checkpoints.checkpoints_total_limit,
+                          text_tokens=tokenizer_max_length(s))
 
 
 def validate(trainer: Trainer, validator: sample.Validator, step: int, notify, tracker) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from job.config import Settings
+from job.config import Settings, tokenizer_max_length
 
 log = logging.getLogger("job")
 SAMPLES = "samples"
@@ -95,6 +95,7 @@ class Validator:
                     negative_prompt_attention_mask=neg_mask, width=job.size[0], height=job.size[1],
                     num_inference_steps=self.v.validation_num_inference_steps,
                     guidance_scale=self.v.validation_guidance, output_type="latent",
+                    max_sequence_length=tokenizer_max_length(self.s),  # the cached embeddings' length already
                     generator=torch.Generator("cpu").manual_seed(self.v.validation_seed)).images)
             for job, image in zip(self.jobs, self.decode(latents)):
                 image.save(tmp / f"{job.name}.png")

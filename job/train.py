@@ -136,8 +136,15 @@ class Trainer:
     on_checkpoint: Callable[[Path], None] = lambda path: None
     status: StatusFile = field(default_factory=lambda: StatusFile(None))
     dist: distributed.Context = distributed.SINGLE  # with several processes: this one's rank and the collectives
+    # test-only (JOB_TEST_FAULT, see faults.Injection): called as fault("step", n) before step n and
+    # fault("checkpoint", n, folder) inside the write of checkpoint n; raises the fault a test asks for
+    fault: Callable[..., None] | None = None
     step: int = field(init=False, default=0)
     skipped: int = field(init=False, default=0)  # non-finite steps skipped so far
+    # where the loop is, for a failure's message: "step" (forward, backward, update), "hooks" (eval loss,
+    # validation), "checkpoint"; and the latents' shape of the last micro-batch fetched (batch, channels, h, w)
+    stage: str = field(init=False, default="")
+    batch_shape: tuple[int, ...] | None = field(init=False, default=None)
 
     def __post_init__(self):
         named = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
@@ -155,14 +162,19 @@ class Trainer:
             while self.step < self.total_steps:
                 self.train_step(t, accum, progress, t0)
                 prof.step()
+        self.stage = ""
 
     def train_step(self, t: TrainingSettings, accum: int, progress: Progress, t0: float) -> None:
         """One optimizer step: accumulate micro-batches, clip, update, log, checkpoint, honour a stop request."""
+        self.stage = "step"
+        if self.fault:
+            self.fault("step", self.step + 1)
         loss, extra = self.accumulate(t, accum)
         grad_norm = self.clip()
         finite = self.apply(loss, grad_norm)
         self.step += 1
         lr = self.scheduler.get_last_lr()[0]
+        self.stage = "hooks"
         extra |= {k: v for hook in self.hooks for k, v in (hook(self) or {}).items()}
         self.metrics.write(step=self.step, loss=loss if finite else None, lr=lr,
                            grad_norm=grad_norm if finite else None, elapsed_s=round(time.monotonic() - t0, 3),
@@ -186,6 +198,7 @@ class Trainer:
             index = self.step * accum + micro
             g = micro_generator(t.seed, index)
             batch = self.fetch(index, g)
+            self.batch_shape = tuple(batch.latents.shape)
             rows = train_loss(self.transformer, batch, g, t, self.patch_size, self.device, self.dtype,
                               share=(self.dist.rank, self.dist.world), network=self.network)
             loss = rows.mean()
@@ -231,6 +244,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Written by rank 0 (the ranks' adapters and optimizers are identical) with every rank's RNG state; the
         others wait for it."""
+        self.stage = "checkpoint"
         rng = self.dist.gather(checkpoint.rng_state())
         return self.dist.main_only(lambda: self._write_checkpoint(rng))
 
@@ -242,7 +256,8 @@ class Trainer:
         meta = {"micro_batches_done": self.step * self.t.gradient_accumulation_steps,
                 "total_steps": self.total_steps, "skipped": self.skipped, "num_processes": self.dist.world,
                 "global_batch": self.global_batch}
-        path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta)
+        fault = (lambda tmp: self.fault("checkpoint", self.step, tmp)) if self.fault else None
+        path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta, fault=fault)
         self.status.update(last_checkpoint=path.name, force=True)
         self.on_checkpoint(path)  # first: an upload still reading an older checkpoint finishes before rotation
         removed = checkpoint.rotate(self.checkpoint_dir, self.checkpoints_total_limit)

@@ -153,15 +153,21 @@ def test_a_run_leaves_its_final_status(reference):
 def test_a_second_signal_exits_at_once_and_corrupts_nothing(tiny_model, data, tmp_path):
     out = tmp_path / "out"
     env = clean_env(**{**settings(tiny_model, data, out), "max_train_steps": 500, "checkpoint_step_interval": 1})
-    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "train"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while steps_logged(out) < 3 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
-    # the second signal's way out (os._exit), not the first's (after the step, with a checkpoint)
-    assert proc.returncode == 143 and "second signal 15: exiting now" in stderr, stderr[-2000:]
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "train"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        while steps_logged(out) < 3 and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        # the second signal once the first was taken (two at once arrive as one), then it must not wait for the step
+        while "stopping after the current step" not in log.read_text() and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 143 and "second signal 15: exiting now" in err, err[-2000:]
+    assert "stopped by signal" not in err  # the first signal's orderly stop never finished
     from job import checkpoint
 
     kept = checkpoint.complete(out / "checkpoints")

@@ -15,10 +15,13 @@ import torch
 
 from job import model
 from job.cache import TensorCache, component_identity
-from job.config import DatasetSpec
+from job.config import TOKENIZER_MAX_LENGTH_DEFAULTS, DatasetSpec
+from job.data import layout
+from job.data.archive import Archives
 from job.data.folder import Folder
 from job.data.images import UNREADABLE, Framing, fit, to_tensor
 from job.data.masks import Masks, match, reduce
+from job.data.parquet import ParquetShards
 from job.data.plan import BatchPlan, batch_fetcher
 from job.data.source import Sample, Source, discover
 from job.distributed import SINGLE, Context
@@ -28,9 +31,22 @@ from job.loss import Batch
 log = logging.getLogger("job")
 
 
-def open_source(folder: Path, spec: DatasetSpec) -> Source:
-    """The source for a dataset's local copy (today every layout is a folder of image files)."""
-    return Folder(folder, spec.caption_strategy, spec.instance_prompt)
+def open_source(folder: Path, spec: DatasetSpec, archive_cache: Path | None = None) -> Source:
+    """The source for a dataset's local copy, by what it holds: parquet shards (the spec's split), zip archives
+    (extracted into `archive_cache`), or image files. For a folder, `huggingface` captions are the metadata file's."""
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    found = layout.kind(names)
+    if found == layout.PARQUET:
+        problem = layout.split_problem(names, spec.split, str(folder))
+        if problem:
+            raise DataError(problem)
+        return ParquetShards(folder, layout.shards(names, spec.split), spec.caption_strategy, spec.instance_prompt,
+                             spec.image_column, spec.caption_column)
+    strategy = "metadata" if spec.caption_strategy == "huggingface" else spec.caption_strategy
+    if found == layout.ZIP:
+        return Archives(folder, strategy, archive_cache or folder.parent / f"{folder.name}.extracted",
+                        spec.instance_prompt)
+    return Folder(folder, strategy, spec.instance_prompt)
 
 
 def discover_all(specs: list[DatasetSpec], folders: list[Path], grid: model.Grid, out: Path
@@ -41,7 +57,7 @@ def discover_all(specs: list[DatasetSpec], folders: list[Path], grid: model.Grid
     for spec, folder in zip(specs, folders):
         framing = Framing(spec.resolution, spec.resolution_type, spec.crop, spec.crop_style, spec.crop_aspect,
                           grid.pixel_step, int(grid.pos_embed_max_size ** 0.5) * grid.pixel_step)
-        source = open_source(folder, spec)
+        source = open_source(folder, spec, out / "cache" / "archives")
         found = discover(source, framing, repeats=spec.repeats, minimum_image_size=spec.minimum_image_size)
         if spec.mask_dir:
             masks = Masks(Path(spec.mask_dir))
@@ -93,6 +109,8 @@ def encode_images(model_dir: Path, samples: list[Sample], cache_dirs: list[Path]
         keys = cache_latents([samples[i] for i in idx], cache, functools.partial(model.encode_latents, vae),
                              batch_size, mine=ctx.share)
         latents_of.update({idx[j]: (cache, key) for j, key in keys.items()})
+        cache.refill = functools.partial(_refill_latents, model_dir, device, cache,
+                                         {key: samples[idx[j]] for j, key in keys.items()})
     del vae
     model.release(device)
     if ctx.world > 1:
@@ -125,20 +143,56 @@ def encode_masks(samples: list[Sample], latents_of: dict[int, tuple[TensorCache,
 
 
 def encode_captions(model_dir: Path, captions: list[str], folder: Path, device: torch.device,
-                    ctx: Context = SINGLE) -> tuple[TensorCache, dict[str, str]]:
+                    ctx: Context = SINGLE, *, max_length: int = TOKENIZER_MAX_LENGTH_DEFAULTS["v0.3"]
+                    ) -> tuple[TensorCache, dict[str, str]]:
     """Likewise the text encoder: training captions, the empty prompt (caption dropout) and the validation
-    prompts, so sampling never needs the encoder again."""
+    prompts, so sampling never needs the encoder again. Each is `max_length` tokens (TOKENIZER_MAX_LENGTH), part of
+    the cache's identity; how many were cut to it is logged."""
     text_pipe = model.load_text_encoder(model_dir, device)
-    cache = TensorCache(folder, f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
-    keys = cache_text(captions, cache, functools.partial(_encode_text, text_pipe, device), mine=ctx.share)
+    cache = TensorCache(folder, f"{component_identity(model_dir, 'text_encoder')}-{max_length}")
+    if ctx.is_main:
+        distinct = list(dict.fromkeys(captions))
+        counts = model.token_counts(text_pipe.tokenizer, distinct)
+        cut = sum(1 for n in counts if n > max_length)
+        longest = max(counts, default=0)
+        if cut:
+            log.warning("text: %d of %d distinct captions and prompts are longer than TOKENIZER_MAX_LENGTH=%d tokens "
+                        "and were truncated (the longest has %d)", cut, len(distinct), max_length, longest)
+        else:
+            log.info("text: all %d distinct captions and prompts fit TOKENIZER_MAX_LENGTH=%d tokens (the longest has "
+                     "%d)", len(distinct), max_length, longest)
+    keys = cache_text(captions, cache, functools.partial(_encode_text, text_pipe, device, max_length), mine=ctx.share)
     del text_pipe
     model.release(device)
     ctx.barrier()  # every rank's share is written
+    cache.refill = functools.partial(_refill_text, model_dir, device, max_length, cache,
+                                     {key: c for c, key in keys.items()})
     return cache, keys
 
 
-def _encode_text(text_pipe, device: torch.device, captions: list[str]) -> torch.Tensor:
-    return model.encode_prompts(text_pipe, captions, device).cpu()
+# An entry found unreadable mid-run (TensorCache.get): encoded again as at start-up, on the same device (so to the
+# same values and dtype), with its encoder loaded for it and freed after.
+
+def _refill_latents(model_dir: Path, device: torch.device, cache: TensorCache, samples: dict[str, Sample],
+                    key: str) -> None:
+    if key not in samples:  # a mask beside the latents: encode_masks makes it again at the next start
+        return
+    vae = model.load_vae(model_dir, device)
+    cache_latents([samples[key]], cache, functools.partial(model.encode_latents, vae), 1)
+    del vae
+    model.release(device)
+
+
+def _refill_text(model_dir: Path, device: torch.device, max_length: int, cache: TensorCache,
+                 captions: dict[str, str], key: str) -> None:
+    text_pipe = model.load_text_encoder(model_dir, device)
+    cache_text([captions[key]], cache, functools.partial(_encode_text, text_pipe, device, max_length))
+    del text_pipe
+    model.release(device)
+
+
+def _encode_text(text_pipe, device: torch.device, max_length: int, captions: list[str]) -> torch.Tensor:
+    return model.encode_prompts(text_pipe, captions, device, max_length).cpu()
 
 
 def cache_latents(samples: list[Sample], cache, encode: Callable[[torch.Tensor], torch.Tensor],
