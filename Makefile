@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -13,13 +13,21 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@# optimum-quanto compiles its CPU kernels (int4 unpacking) into its package on first use: here, once, not
+	@# inside the first test that quantises to int4 (minutes of g++ -O3 that `make test` would otherwise pay)
+	$(BIN)/python -c 'from optimum.quanto.library.extensions import get_extension; get_extension("quanto_cpp").lib'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python entrypoint.py demo
 
+# Every test, on every core (pytest-xdist; each module stays on one worker, so its fixtures are built once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadscope
+
+# The fast set, about a minute: everything but the end-to-end runs marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --dist loadscope -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check job tests bench entrypoint.py

@@ -30,8 +30,8 @@ def _builtin_root() -> Path:
 
 
 def _samples(model_dir: Path) -> list[data.Sample]:
-    grid = model.read_geometry(model_dir)
-    g = data.Geometry(SIZE, "pixel", True, "center", "square", grid.pixel_step,
+    grid = model.read_grid(model_dir)
+    g = data.Framing(SIZE, "pixel", True, "center", "square", grid.pixel_step,
                       int(grid.pos_embed_max_size ** 0.5) * grid.pixel_step)
     samples = data.discover(builtin.toy_dataset_dir(_builtin_root(), count=IMAGES, size=SIZE), "textfile", "", g)
     assert len(samples) == IMAGES and {s.bucket for s in samples} == {(SIZE, SIZE)}

@@ -38,7 +38,8 @@ import torch
 from bench import flops as flopcount
 from job import memory, model, offload
 from job.config import SEED_LYCORIS_CONFIG, build_settings
-from job.train import flow_loss, make_optimizer
+from job.loss import Batch, train_loss
+from job.train import make_optimizer
 
 # AuraFlow v0.3's transformer: diffusers' defaults with the 96x96 positional grid (1024 px needs 64x64 patches)
 CONFIG = {"sample_size": 64, "patch_size": 2, "in_channels": 4, "num_mmdit_layers": 4, "num_single_dit_layers": 32,
@@ -107,20 +108,20 @@ def build(precision: str, mode: str):
     tr.train()
     torch.manual_seed(0)
     net = model.create_adapter(tr, SEED_LYCORIS_CONFIG, torch.bfloat16, CUDA)
-    off = (offload.apply(tr, net, CUDA, offload.Plan("block_level", 1, mode == "stream", ""), "bench")
+    off = (offload.apply(tr, net, CUDA, offload.Policy("block_level", 1, mode == "stream", ""), "bench")
            if mode != "none" else None)
     return tr, net, off
 
 
 def batch():
     g = torch.Generator().manual_seed(123)
-    return (torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8, generator=g),
-            torch.randn(1, TEXT_TOKENS, CONFIG["joint_attention_dim"], generator=g))
+    return Batch(torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8, generator=g),
+                 torch.randn(1, TEXT_TOKENS, CONFIG["joint_attention_dim"], generator=g))
 
 
 def loss_of(tr, settings, seed: int):
-    x0, emb = batch()
-    return flow_loss(tr, x0, emb, torch.Generator().manual_seed(seed), settings.training, 2, CUDA, torch.bfloat16)
+    return train_loss(tr, batch(), torch.Generator().manual_seed(seed), settings.training, 2, CUDA,
+                      torch.bfloat16).mean()
 
 
 def predicted(precision: str, mode: str, adapter_params: int) -> tuple[float, float]:
@@ -130,7 +131,7 @@ def predicted(precision: str, mode: str, adapter_params: int) -> tuple[float, fl
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel(**CONFIG)
-    size = model.model_size(shell, model.Geometry(2, CONFIG["pos_embed_max_size"], 8, 4))
+    size = model.model_size(shell, model.Grid(2, CONFIG["pos_embed_max_size"], 8, 4))
     stream = mode == "stream" and CUDA.type == "cuda"
     est = memory.estimate(size, adapter_params, precision=precision, mixed_precision="bf16", optimizer="optimi-lion",
                           resolution=RESOLUTION, batch=1, text_tokens=TEXT_TOKENS, checkpointing=True,

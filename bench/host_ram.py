@@ -51,7 +51,7 @@ def one(variant: str, disk_root: str, smoke: bool = False) -> dict:
     from bench.gpu import CONFIG, SMOKE_CONFIG
     from job import memory, model, offload
     from job.config import SEED_LYCORIS_CONFIG, build_settings
-    from job.train import flow_loss
+    from job.loss import Batch, train_loss
 
     to_disk = VARIANTS[variant]["to_disk"]
     config = SMOKE_CONFIG if smoke else CONFIG
@@ -66,7 +66,7 @@ def one(variant: str, disk_root: str, smoke: bool = False) -> dict:
         for p in tr.parameters():
             p.normal_(0, 0.02, generator=g)
     tr.requires_grad_(False)
-    size = model.model_size(tr, model.Geometry(2, config["pos_embed_max_size"], 8, 4))
+    size = model.model_size(tr, model.Grid(2, config["pos_embed_max_size"], 8, 4))
     load_peak, load_s = vm("VmHWM"), time.monotonic() - t0
 
     phased = reset_peak()
@@ -75,15 +75,15 @@ def one(variant: str, disk_root: str, smoke: bool = False) -> dict:
     tr.enable_gradient_checkpointing()
     tr.train()
     net = model.create_adapter(tr, SEED_LYCORIS_CONFIG, torch.bfloat16, cpu)
-    off = offload.apply(tr, net, cpu, offload.Plan("block_level", 1, False, disk_root if to_disk else ""), "bench")
+    off = offload.apply(tr, net, cpu, offload.Policy("block_level", 1, False, disk_root if to_disk else ""), "bench")
     quantise_peak, settled = vm("VmHWM"), vm("VmRSS")  # what stays once the bf16 weights are gone
     phased = phased and reset_peak()
     loss = None
     if not to_disk:
         settings = build_settings([{"dataset_id": "x", "push_to_hub": "false", "mixed_precision": "bf16"}])
         gen = torch.Generator().manual_seed(1)
-        x0, emb = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 16, 2048, generator=gen)
-        loss = flow_loss(tr, x0, emb, torch.Generator().manual_seed(2), settings.training, 2, cpu, torch.bfloat16)
+        batch = Batch(torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 16, 2048, generator=gen))
+        loss = train_loss(tr, batch, torch.Generator().manual_seed(2), settings.training, 2, cpu, torch.bfloat16).mean()
         loss.backward()
         loss = loss.item()
     train_peak, train_s = vm("VmHWM"), time.monotonic() - t0

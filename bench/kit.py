@@ -14,7 +14,8 @@ metadata of the development venv (built from pyproject.toml, so the versions are
 - numpy: there already (accelerate and transformers need it; the job accepts any numpy>=1.26,<3);
 - bitsandbytes (43 MB: over the 64 MiB a command may carry with the rest): only the nf4-bnb base and the bnb-*
   optimizers import it, and the kit runs neither;
-- wandb and tensorboard with what only they need: imported only when REPORT_TO asks for them.
+- wandb and tensorboard with what only they need: imported only when REPORT_TO asks for them;
+- pyarrow (55 MB): only a parquet dataset imports it, and the kit trains on the demo's image files.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LEFT_OUT = {"torch": "the GPU machine's own CUDA build", "numpy": "on the GPU machine (accelerate needs it)",
             "bitsandbytes": "43 MB; only nf4-bnb and the bnb-* optimizers use it",
-            "wandb": "only with REPORT_TO=wandb", "tensorboard": "only with REPORT_TO=tensorboard"}
+            "wandb": "only with REPORT_TO=wandb", "tensorboard": "only with REPORT_TO=tensorboard",
+            "pyarrow": "55 MB; only parquet datasets use it (imported for them alone)"}
 TARGET = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
           "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}

@@ -19,6 +19,7 @@ from job import builtin, flow, model
 from job.cache import TensorCache
 from job.config import build_settings
 from job.log import MetricsSink
+from job.loss import Batch
 from job.pipeline import DEMO_LYCORIS
 from job.train import Trainer, make_optimizer
 
@@ -63,11 +64,12 @@ def _job(s, tr, net, cache, tmp: Path) -> float:
     def fetch(index, g):
         idx = [(index * BATCH + k) % 16 for k in range(BATCH)]
         torch.rand(BATCH, generator=g)  # the caption-dropout draw the real fetcher makes
-        return (torch.stack([cache.get(f"l{i:062d}") for i in idx]),
-                torch.stack([cache.get(f"e{i:062d}") for i in idx]))
+        return Batch(torch.stack([cache.get(f"l{i:062d}") for i in idx]),
+                     torch.stack([cache.get(f"e{i:062d}") for i in idx]))
 
-    t = Trainer(tr, net, fetch, s.training, STEPS, 2, torch.device("cpu"), torch.float32, tmp / "ckpt", 0, 0)
-    t.metrics = MetricsSink(tmp / f"metrics-{time.monotonic_ns()}.jsonl")
+    t = Trainer(transformer=tr, network=net, fetch=fetch, t=s.training, total_steps=STEPS, patch_size=2,
+                device=torch.device("cpu"), dtype=torch.float32, checkpoint_dir=tmp / "ckpt",
+                metrics=MetricsSink(tmp / f"metrics-{time.monotonic_ns()}.jsonl"))
     t0 = time.perf_counter()
     t.run()
     t.metrics.close()

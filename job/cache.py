@@ -8,12 +8,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from job.errors import DataError, DiskFull, disk_full
+
+log = logging.getLogger("job")
 
 _FULL_HASH_LIMIT = 1 << 30  # bigger weight files: size + first and last 16 MiB (hashing 5 GB per start costs too much)
 _EDGE = 16 << 20
@@ -59,6 +65,9 @@ class TensorCache:
     def __init__(self, folder: Path, identity: str):
         self.folder, self.identity = folder, identity
         self.writes = 0  # counted so tests (and the summary) can tell what was recomputed
+        # set by whoever fills the cache: key → that entry encoded and put again, for an entry found unreadable
+        # when it is read (header intact, so `has` passed at start-up, the rest damaged)
+        self.refill: Callable[[str], None] | None = None
 
     def key(self, *parts) -> str:
         return hashlib.sha256(json.dumps([self.identity, *parts], default=_jsonable).encode()).hexdigest()
@@ -82,11 +91,34 @@ class TensorCache:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"t": tensor.detach().contiguous().cpu()}, str(tmp))
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never a torn one
+        try:
+            save_file({"t": tensor.detach().contiguous().cpu()}, str(tmp))
+            os.replace(tmp, path)  # readers see the old file or the whole new one, never a torn one
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, Exception) and disk_full(e):
+                raise DiskFull(f"no space left for a cache entry in {self.folder}", path=path,
+                               needed=tensor.numel() * tensor.element_size()) from e
+            raise
         self.writes += 1
 
     def get(self, key: str) -> torch.Tensor:
+        """The entry; one that cannot be read is recomputed through `refill` (when set) and read again."""
+        try:
+            return self._read(key)
+        except CacheCorrupt as e:
+            if self.refill is None:
+                raise
+            log.warning("%s (%s); recomputing it", e, type(e.__cause__).__name__)
+            self.path(key).unlink(missing_ok=True)  # gone even if the refill fails: the next start encodes it
+            self.refill(key)
+        try:
+            return self._read(key)
+        except CacheCorrupt:
+            raise DataError(f"cache entry {self.path(key)} cannot be read and could not be recomputed now; it was "
+                            "removed, and the same command encodes it again at start-up") from None
+
+    def _read(self, key: str) -> torch.Tensor:
         try:
             return load_file(str(self.path(key)))["t"]
         except (SafetensorError, OSError, KeyError) as e:
@@ -94,4 +126,8 @@ class TensorCache:
 
 
 class CacheCorrupt(Exception):
-    """An entry that cannot be read (e.g. from a crash before atomic writes); recompute it."""
+    """An entry that cannot be read (e.g. from a crash before atomic writes, or damaged on disk); recompute it."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"cache entry {path} cannot be read")
+        self.path = path

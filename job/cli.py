@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -82,38 +83,99 @@ def _allocator_defaults() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_DEFAULT
 
 
+# DEBUG=true: a failure's traceback on the terminal too (it always goes to OUTPUT_DIR/logs/). JOB_TEST_FAULT: for the
+# tests alone, a fault injected into the run (see faults.Injection); never set it for a real run.
+DEBUG_ENV, TEST_FAULT_ENV = "DEBUG", "JOB_TEST_FAULT"
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes")
+
+
 def _builtin_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auraflow-lokr-job"
 
 
-def _ranks():
-    """torchrun's variables in a process it started; None in the parent."""
+def _in_rank() -> bool:
+    """A process that torchrun (or accelerate, deepspeed) started: they set LOCAL_RANK. WORLD_SIZE alone is a
+    platform's count (RunPod's clusters set it to their GPUs in every pod), not a rank's."""
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def _ranks(settings: config.Settings):
+    """torchrun's variables in a process it started; None in the parent. GROUP_RANK/GROUP_WORLD_SIZE: which of how
+    many machines, in the rendezvous' order; messages name a machine by its MACHINE_RANK when the job was given one."""
     from job.distributed import Ranks
 
-    if "WORLD_SIZE" not in os.environ:
+    if not _in_rank():
         return None
-    return Ranks(rank=int(os.environ.get("RANK", "0")), world=int(os.environ["WORLD_SIZE"]),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), master_addr=os.environ.get("MASTER_ADDR", ""))
+    env = os.environ
+    node = int(env.get("GROUP_RANK", "0"))
+    machine = settings.scale.machine_rank
+    return Ranks(rank=int(env.get("RANK", "0")), world=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
+                 master_addr=env.get("MASTER_ADDR", ""), node=node, nodes=int(env.get("GROUP_WORLD_SIZE", "1")),
+                 machine=node if machine is None else machine)
 
 
-def _rank_env(raw: dict[str, str | None], config_file: str | None) -> dict[str, str]:
+# The cluster settings under the names launchers and platforms set: Kubernetes' PyTorchJob (PET_*, torchrun's own
+# defaults), torchrun's and accelerate's conventions, RunPod's Instant Clusters (NUM_NODES, NODE_RANK, MASTER_*).
+# For a setting the job is not given under its own name (variable, option or CONFIG_FILE), the first one set counts.
+LAUNCHER_VARS = {
+    "num_machines": ("PET_NNODES", "NNODES", "NUM_NODES"),
+    "machine_rank": ("PET_NODE_RANK", "NODE_RANK"),
+    "main_process_ip": ("PET_MASTER_ADDR", "MASTER_ADDR"),
+    "main_process_port": ("PET_MASTER_PORT", "MASTER_PORT"),
+}
+
+
+def launcher_layer(env: Mapping[str, str]) -> dict[str, str]:
+    """The raw cluster settings that a launcher's variables give, beneath every other layer."""
+    layer = {}
+    for name, variables in LAUNCHER_VARS.items():
+        value = next((env[v].strip() for v in variables if env.get(v, "").strip()), None)
+        if value is not None:
+            layer[name] = value
+    low, colon, high = layer.get("num_machines", "").partition(":")  # torchrun's MIN:MAX form, for a fixed size
+    if colon and low == high:
+        layer["num_machines"] = high
+    return layer
+
+
+def _rank_env(raw: dict[str, str | None], config_file: str | None, settings: config.Settings) -> dict[str, str]:
     """The environment the ranks re-read the settings from: options given on this command line become variables
-    there, so a token never appears on a command line."""
+    there, so a token never appears on a command line. The cluster settings go as resolved here: in a rank,
+    MASTER_ADDR/MASTER_PORT are torchrun's, not the launcher's."""
     env = dict(os.environ)
     env.update({spec.env: value for spec in config.SPECS if (value := raw.get(spec.name)) is not None})
+    env.update({config.SPEC_BY_NAME[name].env: str(value) for name in LAUNCHER_VARS
+                if (value := getattr(settings.scale, name)) is not None})
     if config_file:
         env[config.CONFIG_FILE_ENV] = config_file
     return env
 
 
+def _cluster(settings: config.Settings):
+    scale = settings.scale
+    if scale.num_machines == 1:
+        return None
+    return launch.Cluster(machines=scale.num_machines, machine_rank=scale.machine_rank or 0,
+                          host=scale.main_process_ip, port=scale.main_process_port, timeout=scale.rendezvous_timeout)
+
+
+def register_secrets(raw: dict[str, str | None]) -> None:
+    """Every setting declared secret=True, as given here, masked in every log line from now on."""
+    for spec in config.SPECS:
+        if spec.secret:
+            log.register_secret(raw.get(spec.name))
+
+
 def _run(command: str, given: dict[str, str | None]) -> None:
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's, in a process it started
+    rank = int(os.environ.get("RANK", "0")) if _in_rank() else 0  # torchrun's, in a process it started
     log.setup(verbose=os.environ.get("JOB_VERBOSE", "") not in ("", "0"), rank=rank)
     _allocator_defaults()
     raw = _raw_values(given)
     config_file = raw.pop("config_file", None)
-    for name in ("hf_token", "wandb_api_key"):
-        log.register_secret(raw.get(name) or "")
+    register_secrets(raw)
     _export_library_vars(raw)
     creds = cloud.Credentials.from_env(os.environ)
     log.register_secret(creds.api_key)
@@ -126,7 +188,8 @@ def _run(command: str, given: dict[str, str | None]) -> None:
             if ignored and rank == 0:
                 log.log.warning("CONFIG_FILE: %d key(s) not used by this job, ignored: %s", len(ignored),
                                 ", ".join(ignored))
-        layers = [file_layer, raw]
+        # in a rank, the parent has resolved the cluster settings into the job's own variables
+        layers = [{} if _in_rank() else launcher_layer(os.environ), file_layer, raw]
         if command == "demo":  # builds the tiny model first: its folder is the demo's MODEL_ID
             from job import pipeline
 
@@ -140,13 +203,18 @@ def _run(command: str, given: dict[str, str | None]) -> None:
         from job import pipeline
         from job.distributed import Ranks
 
-        ranks = _ranks()
-        if ranks is None:  # the parent: the run itself, or torchrun's with one process per GPU
+        ranks = _ranks(settings)
+        if ranks is None:  # the parent: the run itself, or torchrun's with one process per GPU (on each machine)
             processes = launch.process_count(settings.scale.num_processes, torch.cuda.device_count())
-            if processes > 1 and command != "check":
-                raise typer.Exit(launch.relaunch([command], processes, _rank_env(raw, config_file)))
-            ranks = Ranks(world=processes)  # `check` plans for them
-        pipeline.run(command, settings, creds, ranks)
+            cluster = _cluster(settings)
+            if cluster and (problems := launch.cluster_problems(cluster, resolve=command == "check")):
+                raise ConfigError(problems)
+            if (processes > 1 or cluster) and command != "check":
+                raise typer.Exit(launch.relaunch([command], processes, _rank_env(raw, config_file, settings), cluster))
+            machines = settings.scale.num_machines
+            ranks = Ranks(world=processes * machines, nodes=machines)  # `check` plans for them
+        pipeline.run(command, settings, creds, ranks, debug=_truthy(os.environ.get(DEBUG_ENV, "")),
+                     test_fault=os.environ.get(TEST_FAULT_ENV, ""))
     except JobError as e:
         if not isinstance(e, RankZeroFailed):  # rank 0 has reported that one
             log.log.error("%s", e)

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from job import log, precision
 from job.errors import ConfigError
+from job.precision import BASE_PRECISIONS, MIXED_PRECISIONS
 
 FLAVOURS = {
     "v0.1": "fal/AuraFlow",
@@ -25,6 +27,9 @@ FLAVOURS = {
     "v0.3": "terminusresearch/auraflow-v0.3",
     "pony": "purplesmartai/pony-v7-base",
 }
+# TOKENIZER_MAX_LENGTH=0: AuraFlowPipeline's own default (256) for fal's releases, so the pipeline called without
+# max_sequence_length matches training; Pony v7 is trained on long tag prompts (SimpleTuner allows it 768).
+TOKENIZER_MAX_LENGTH_DEFAULTS = {"v0.1": 256, "v0.2": 256, "v0.3": 256, "pony": 768}
 OPTIMIZERS = (
     "adamw", "adamw_bf16", "optimi-adamw", "optimi-lion",
     "bnb-adamw8bit", "bnb-lion8bit", "bnb-adamw8bit-paged", "bnb-lion8bit-paged",
@@ -38,7 +43,6 @@ SEED_LYCORIS_CONFIG = {
     "factor": 16,
     "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 8}}},
 }
-SECRET_MASK = "***"
 
 
 class Invalid(ValueError):
@@ -162,11 +166,11 @@ def _json_or_path(kind: type, what: str) -> Callable[[str], Any]:
 def _resolutions(raw: str) -> tuple[tuple[int, int], ...]:
     out = []
     for part in raw.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", part)
-        if not m:
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", part)
+        if not match:
             raise Invalid("expected WxH or a side length, comma-separated (e.g. 1024x1024,1280x768)")
-        w = int(m.group(1))
-        h = int(m.group(2) or w)
+        w = int(match.group(1))
+        h = int(match.group(2) or w)
         if w <= 0 or h <= 0:
             raise Invalid("sides must be positive")
         out.append((w, h))
@@ -188,6 +192,14 @@ def _auto_bool(raw: str) -> bool | None:
 
 
 _auto_bool.allowed = "auto or a boolean: true/false/1/0/yes/no"
+
+
+def _machine_rank(raw: str) -> int | None:
+    """Empty → None: not given (required once NUM_MACHINES > 1, which cross_check says)."""
+    return None if raw.strip() == "" else _number(int, 0, None, False)(raw)
+
+
+_machine_rank.allowed = "an integer >= 0"
 
 
 def opt(default: str, help: str, parse: Callable[[str], Any] | None = None, *, secret: bool = False):
@@ -219,9 +231,16 @@ class ModelSettings:
 class DataSettings:
     dataset_id: str = opt("", "Hub dataset repo id or local folder of images (required unless DATA_BACKEND_CONFIG)")
     dataset_revision: str = opt("main", "Branch, tag or commit of DATASET_ID on the Hub")
+    dataset_split: str = opt("train", "Split of a parquet dataset (the datasets layout: data/<split>-*.parquet); "
+                             "only its shards are downloaded")
+    image_column: str = opt("", "Parquet: the image column (an image {bytes, path} or binary column); empty = the "
+                            "column typed as an image")
+    caption_column: str = opt("", "Parquet: the caption column (text or a list of texts); empty = the first of "
+                              "text, caption, prompt")
     caption_strategy: str = opt("textfile", "Where captions come from: textfile (sibling .txt), filename, "
-                                "instanceprompt (INSTANCE_PROMPT), metadata (metadata.jsonl/.csv)",
-                                _choice("textfile", "filename", "instanceprompt", "metadata"))
+                                "instanceprompt (INSTANCE_PROMPT), metadata (metadata.jsonl/.csv), huggingface (a "
+                                "parquet dataset's CAPTION_COLUMN; a folder's metadata.jsonl/.csv)",
+                                _choice("textfile", "filename", "instanceprompt", "metadata", "huggingface"))
     instance_prompt: str = opt("", "Caption for every image with CAPTION_STRATEGY=instanceprompt; shown in the model card")
     resolution: int = opt("1024", "Training resolution in pixels (short side for pixel, sqrt of area for pixel_area)",
                           _pos_int(16))
@@ -232,6 +251,10 @@ class DataSettings:
     crop_aspect: str = opt("square", "Bucket shape when cropping: square or preserve (aspect buckets)",
                            _choice("square", "preserve"))
     repeats: int = opt("0", "Extra passes over the dataset per epoch (0 = each image once)", _pos_int(0))
+    tokenizer_max_length: int = opt("0", "Text tokens per caption (longer captions are truncated, and the log "
+                                    "counts them); 0 = MODEL_FLAVOUR's default: "
+                                    + ", ".join(f"{k} {v}" for k, v in TOKENIZER_MAX_LENGTH_DEFAULTS.items()),
+                                    _pos_int(0))
     caption_dropout_probability: float = opt("0.0", "Probability of training a sample with the empty prompt",
                                              _number(float, 0.0, 1.0, False))
     minimum_image_size: int = opt("0", "Skip images smaller than this (short side for pixel, sqrt of area for "
@@ -262,9 +285,9 @@ class TrainingSettings:
     max_grad_norm: float = opt("2.0", "Gradient clipping threshold (0 = off)", _number(float, 0.0, None, False))
     grad_clip_method: str = opt("value", "Clip each gradient element (value) or the total norm (norm)",
                                 _choice("value", "norm"))
-    mixed_precision: str = opt("bf16", "Compute and adapter precision: bf16 or no (fp32)", _choice("bf16", "no"))
-    base_model_precision: str = opt("no_change", "Frozen base weights: no_change, int8-quanto, int4-quanto, nf4-bnb (CUDA)",
-                                    _choice("no_change", "int8-quanto", "int4-quanto", "nf4-bnb"))
+    mixed_precision: str = opt("bf16", "Compute and adapter precision: bf16 or no (fp32)", _choice(*MIXED_PRECISIONS))
+    base_model_precision: str = opt("no_change", "Frozen base weights: " + precision.base_help(),
+                                    _choice(*BASE_PRECISIONS))
     quantize_via: str = opt("accelerator", "Where to quantise the base: cpu (less VRAM at start) or accelerator",
                             _choice("cpu", "accelerator"))
     gradient_checkpointing: bool = opt("true", "Recompute activations in the backward to save memory")
@@ -333,11 +356,26 @@ class OutputSettings:
     tracker_project_name: str = opt("auraflow-lokr", "Tracker project name")
     tracker_run_name: str = opt("", "Tracker run name (default: derived from HUB_MODEL_ID or OUTPUT_DIR)")
     webhook_url: str = opt("", "POST progress events here (Discord webhooks get Discord's format)")
+    export_comfyui: bool = opt("true", "Also write (and push) <name>_comfyui.safetensors: the adapter with the key "
+                               "names ComfyUI loads for AuraFlow")
 
 
 @dataclass(frozen=True)
 class ScaleSettings:
     num_processes: int = opt("auto", "Data-parallel processes (auto = one per visible GPU)", _num_processes)
+    # Several machines, through torchrun's c10d rendezvous. cli fills an unset one from the launcher's variables
+    # (PET_NNODES/NNODES/NUM_NODES, PET_NODE_RANK/NODE_RANK, PET_MASTER_ADDR/MASTER_ADDR, PET_MASTER_PORT/MASTER_PORT).
+    num_machines: int = opt("1", "Machines that train together, each running the job with the same settings and its "
+                            "own MACHINE_RANK (OUTPUT_DIR on a filesystem they all share)", _pos_int())
+    machine_rank: int | None = opt("", "This machine's rank, 0 to NUM_MACHINES-1; 0 is the main machine, which hosts "
+                                   "the rendezvous (required with NUM_MACHINES > 1)", _machine_rank)
+    main_process_ip: str = opt("", "Address of the main machine (MACHINE_RANK=0) that every machine can reach "
+                               "(required with NUM_MACHINES > 1)")
+    main_process_port: int = opt("29500", "TCP port of the rendezvous on the main machine",
+                                 _number(int, 1, 65535, False))
+    rendezvous_timeout: float = opt("1800", "Seconds the machines wait for each other to join (long enough for "
+                                    "every machine to pull the image), then exit 2 saying how many joined",
+                                    _number(float, 0.0, None, True))
 
 
 @dataclass(frozen=True)
@@ -382,19 +420,22 @@ class Settings:
     def model_id(self) -> str:
         return self.model.model_id or FLAVOURS[self.model.model_flavour]
 
+    def value(self, spec: Spec) -> Any:
+        return getattr(getattr(self, spec.group), spec.name)
+
     def public_dict(self) -> dict:
         """Resolved settings for training_config.json and trackers: secrets removed, not masked."""
         out = {}
-        for group in GROUPS:
-            for f in dataclasses.fields(GROUPS[group]):
-                if not f.metadata["secret"]:
-                    value = getattr(getattr(self, group), f.name)
-                    out[f.name] = list(map(list, value)) if isinstance(value, tuple) else value
+        for spec in SPECS:
+            if not spec.secret:
+                value = self.value(spec)
+                out[spec.name] = list(map(list, value)) if isinstance(value, tuple) else value
         out["model_id"] = self.model_id
-        return json.loads(mask_secrets(json.dumps(out), self.secrets()))
+        return json.loads(log.redact(json.dumps(out), self.secrets()))
 
     def secrets(self) -> list[str]:
-        return [v for v in (self.access.hf_token, self.access.wandb_api_key) if len(v) >= 4]
+        """The values of the settings declared secret=True, for `log.redact`."""
+        return [value for spec in SPECS if spec.secret and (value := self.value(spec))]
 
 
 @dataclass(frozen=True)
@@ -432,24 +473,24 @@ SPECS: list[Spec] = _specs()
 SPEC_BY_NAME: dict[str, Spec] = {s.name: s for s in SPECS}
 CONFIG_FILE_ENV = "CONFIG_FILE"
 
-# SimpleTuner keys that a user's config.json may carry but that mean nothing to this job.
-# They are named in a warning, never silently dropped.
+# SimpleTuner's config.json spells its keys as its command-line options ("--learning_rate"); the prefix is dropped.
 _SIMPLETUNER_PREFIX = "--"
 
 
 def _show(spec: Spec, raw: str) -> str:
-    return SECRET_MASK if spec.secret else repr(raw)
+    return log.MASK if spec.secret else repr(raw)
 
 
 # ---------------------------------------------------------------- loading
 
 def read_config_file(path: str) -> tuple[dict[str, str], list[str], list[str]]:
-    """A SimpleTuner-style config.json → (raw values by setting name, ignored keys, problems)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
+    """A SimpleTuner-style config.json → (raw values by setting name, ignored keys, problems). Keys that name no
+    setting here are returned as ignored, for the caller to name in a warning, never silently dropped."""
+    file = Path(path).expanduser()
+    if not file.is_file():
         return {}, [], [f"{CONFIG_FILE_ENV}={path!r}: no such file; expected the path of a JSON config file"]
     try:
-        data = loads_lenient(p.read_text(encoding="utf-8"))
+        data = loads_lenient(file.read_text(encoding="utf-8"))
     except (Invalid, OSError, UnicodeDecodeError) as e:
         return {}, [], [f"{CONFIG_FILE_ENV}={path!r}: {e}"]
     if not isinstance(data, dict):
@@ -494,72 +535,104 @@ def build_settings(layers: list[dict[str, str | None]]) -> Settings:
     groups = {g: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for g, cls in GROUPS.items()}
     settings = Settings(**groups)
     # Report contradictions together with the parse errors, except those that involve a bad value.
-    problems += [c for c in cross_check(settings) if not set(re.findall(r"\b[A-Z][A-Z0-9_]+\b", c)) & set(failed)]
+    problems += [c.text for c in cross_check(settings) if not set(c.concerns) & set(failed)]
     if problems:
-        secrets = [merged[n] for n in ("hf_token", "wandb_api_key") if len(merged.get(n, "")) >= 4]
-        raise ConfigError([mask_secrets(p, secrets) for p in problems])
+        secrets = [merged[spec.name] for spec in SPECS if spec.secret and merged.get(spec.name)]
+        raise ConfigError([log.redact(p, secrets) for p in problems])
     return settings
 
 
-def mask_secrets(text: str, secrets: list[str]) -> str:
-    """A token pasted into the wrong setting (a prompt, say) must not be echoed anywhere: problem lines,
-    training_config.json, tracker configs, the model card."""
-    for secret in secrets:
-        text = text.replace(secret, SECRET_MASK)
-    return re.sub(r"\bhf_[A-Za-z0-9]{20,}\b", SECRET_MASK, text)
+@dataclass(frozen=True)
+class Problem:
+    """A cross-check's complaint and the variables whose values raised it: when one of them failed to parse, its
+    stand-in default raised it, and the complaint is left out."""
+
+    text: str
+    concerns: tuple[str, ...]
 
 
-def cross_check(s: Settings) -> list[str]:
+def cross_check(s: Settings) -> list[Problem]:
     """Contradictions and missing companions between settings (no file system beyond small reads)."""
-    p: list[str] = []
-    t, m, o, d = s.training, s.memory, s.output, s.data
-    if t.max_train_steps == 0 and t.num_train_epochs == 0:
-        p.append("MAX_TRAIN_STEPS=0 and NUM_TRAIN_EPOCHS=0: set one of them above 0")
-    if m.enable_group_offload and m.enable_model_cpu_offload:
-        p.append("ENABLE_GROUP_OFFLOAD=true with ENABLE_MODEL_CPU_OFFLOAD=true: choose one offload method")
-    if m.enable_group_offload:
-        if t.base_model_precision == "nf4-bnb":
-            p.append("ENABLE_GROUP_OFFLOAD=true with BASE_MODEL_PRECISION=nf4-bnb: bitsandbytes weights cannot be "
-                     "offloaded in groups; use int8-quanto or int4-quanto")
-        if m.group_offload_use_stream is True and m.group_offload_type == "block_level" \
-                and m.group_offload_blocks_per_group > 1:
-            p.append(f"GROUP_OFFLOAD_USE_STREAM=true prefetches one block at a time: set GROUP_OFFLOAD_BLOCKS_PER_GROUP=1 "
-                     f"(not {m.group_offload_blocks_per_group}) or turn the stream off")
-    if m.enable_model_cpu_offload and t.base_model_precision == "nf4-bnb":
-        p.append("ENABLE_MODEL_CPU_OFFLOAD=true with BASE_MODEL_PRECISION=nf4-bnb: bitsandbytes weights cannot move "
-                 "between devices; use int8-quanto or int4-quanto")
-    if not m.enable_group_offload:
-        for name, value in (("GROUP_OFFLOAD_USE_STREAM", m.group_offload_use_stream is True),
-                            ("GROUP_OFFLOAD_TO_DISK_PATH", m.group_offload_to_disk_path)):
+    found: list[Problem] = []
+
+    def problem(text: str, *concerns: str) -> None:
+        found.append(Problem(text, concerns))
+
+    training, memory, output, data = s.training, s.memory, s.output, s.data
+    base = BASE_PRECISIONS[training.base_model_precision]
+    if training.max_train_steps == 0 and training.num_train_epochs == 0:
+        problem("MAX_TRAIN_STEPS=0 and NUM_TRAIN_EPOCHS=0: set one of them above 0", "MAX_TRAIN_STEPS",
+                "NUM_TRAIN_EPOCHS")
+    if memory.enable_group_offload and memory.enable_model_cpu_offload:
+        problem("ENABLE_GROUP_OFFLOAD=true with ENABLE_MODEL_CPU_OFFLOAD=true: choose one offload method",
+                "ENABLE_GROUP_OFFLOAD", "ENABLE_MODEL_CPU_OFFLOAD")
+    movable = precision.quantised_alternatives(lambda p: p.movable)
+    if memory.enable_group_offload:
+        if not base.movable:
+            problem(f"ENABLE_GROUP_OFFLOAD=true with BASE_MODEL_PRECISION={base.name}: {base.what} cannot be "
+                    f"offloaded in groups; use {movable}", "ENABLE_GROUP_OFFLOAD", "BASE_MODEL_PRECISION")
+        if memory.group_offload_use_stream is True and memory.group_offload_type == "block_level" \
+                and memory.group_offload_blocks_per_group > 1:
+            problem(f"GROUP_OFFLOAD_USE_STREAM=true prefetches one block at a time: set GROUP_OFFLOAD_BLOCKS_PER_GROUP=1 "
+                    f"(not {memory.group_offload_blocks_per_group}) or turn the stream off",
+                    "GROUP_OFFLOAD_USE_STREAM", "GROUP_OFFLOAD_BLOCKS_PER_GROUP", "GROUP_OFFLOAD_TYPE", "ENABLE_GROUP_OFFLOAD")
+    if memory.enable_model_cpu_offload and not base.movable:
+        problem(f"ENABLE_MODEL_CPU_OFFLOAD=true with BASE_MODEL_PRECISION={base.name}: {base.what} cannot move "
+                f"between devices; use {movable}", "ENABLE_MODEL_CPU_OFFLOAD", "BASE_MODEL_PRECISION")
+    if not memory.enable_group_offload:
+        for name, value in (("GROUP_OFFLOAD_USE_STREAM", memory.group_offload_use_stream is True),
+                            ("GROUP_OFFLOAD_TO_DISK_PATH", memory.group_offload_to_disk_path)):
             if value:
-                p.append(f"{name} is set but ENABLE_GROUP_OFFLOAD=false: set ENABLE_GROUP_OFFLOAD=true, or unset {name}")
-    if o.push_to_hub and not o.hub_model_id:
-        p.append("PUSH_TO_HUB=true needs HUB_MODEL_ID (user/name); set PUSH_TO_HUB=false to keep the output local")
-    if o.push_to_hub and not s.access.hf_token:
-        p.append("PUSH_TO_HUB=true needs HF_TOKEN (a write token)")
-    if o.hub_model_id and not re.fullmatch(r"[\w.-]+/[\w.-]+", o.hub_model_id):
-        p.append(f"HUB_MODEL_ID={o.hub_model_id!r}: expected user/name")
-    if o.push_checkpoints_to_hub and not o.push_to_hub:
-        p.append("PUSH_CHECKPOINTS_TO_HUB=true needs PUSH_TO_HUB=true")
-    if not d.dataset_id and not d.data_backend_config:
-        p.append("DATASET_ID is required (a Hub dataset repo id or a local folder), or DATA_BACKEND_CONFIG")
-    if d.dataset_id and d.data_backend_config:
-        p.append("DATASET_ID and DATA_BACKEND_CONFIG are both set: use one")
-    if d.data_backend_config:
-        p += datasets(s)[2]
-    elif d.caption_strategy == "instanceprompt" and not d.instance_prompt:
-        p.append("CAPTION_STRATEGY=instanceprompt needs INSTANCE_PROMPT")
-    p += not_yet_supported(s)
-    if t.optimizer == "adamw_bf16" and t.mixed_precision != "bf16":
-        p.append("OPTIMIZER=adamw_bf16 needs MIXED_PRECISION=bf16; use adamw with MIXED_PRECISION=no")
-    rc = s.checkpoints.resume_from_checkpoint
-    if rc not in ("latest", "none") and not re.fullmatch(r"checkpoint-\d+", rc) and not Path(rc).is_dir():
-        p.append(f"RESUME_FROM_CHECKPOINT={rc!r}: expected latest, none, checkpoint-N or an existing folder")
-    p += lycoris_problems(s.adapter.lycoris_config)
+                problem(f"{name} is set but ENABLE_GROUP_OFFLOAD=false: set ENABLE_GROUP_OFFLOAD=true, or unset {name}",
+                        name, "ENABLE_GROUP_OFFLOAD")
+    if output.push_to_hub and not output.hub_model_id:
+        problem("PUSH_TO_HUB=true needs HUB_MODEL_ID (user/name); set PUSH_TO_HUB=false to keep the output local",
+                "PUSH_TO_HUB", "HUB_MODEL_ID")
+    if output.push_to_hub and not s.access.hf_token:
+        problem("PUSH_TO_HUB=true needs HF_TOKEN (a write token)", "PUSH_TO_HUB", "HF_TOKEN")
+    if output.hub_model_id and not re.fullmatch(r"[\w.-]+/[\w.-]+", output.hub_model_id):
+        problem(f"HUB_MODEL_ID={output.hub_model_id!r}: expected user/name", "HUB_MODEL_ID")
+    if output.push_checkpoints_to_hub and not output.push_to_hub:
+        problem("PUSH_CHECKPOINTS_TO_HUB=true needs PUSH_TO_HUB=true", "PUSH_CHECKPOINTS_TO_HUB", "PUSH_TO_HUB")
+    if not data.dataset_id and not data.data_backend_config:
+        problem("DATASET_ID is required (a Hub dataset repo id or a local folder), or DATA_BACKEND_CONFIG",
+                "DATASET_ID", "DATA_BACKEND_CONFIG")
+    if data.dataset_id and data.data_backend_config:
+        problem("DATASET_ID and DATA_BACKEND_CONFIG are both set: use one", "DATASET_ID", "DATA_BACKEND_CONFIG")
+    if data.data_backend_config:
+        for text in datasets(s)[2]:
+            problem(text, "DATA_BACKEND_CONFIG")
+    elif data.caption_strategy == "instanceprompt" and not data.instance_prompt:
+        problem("CAPTION_STRATEGY=instanceprompt needs INSTANCE_PROMPT", "CAPTION_STRATEGY", "INSTANCE_PROMPT")
+    if output.webhook_url and not re.match(r"https?://", output.webhook_url):
+        problem("WEBHOOK_URL: expected an http:// or https:// URL", "WEBHOOK_URL")
+    if s.cloud.pod_action_on_success == "terminate" and not output.push_to_hub:
+        problem("POD_ACTION_ON_SUCCESS=terminate needs PUSH_TO_HUB=true: terminating deletes the volume, and with "
+                "it the only copy of the output; use stop", "POD_ACTION_ON_SUCCESS", "PUSH_TO_HUB")
+    if training.optimizer == "adamw_bf16" and training.mixed_precision != "bf16":
+        problem("OPTIMIZER=adamw_bf16 needs MIXED_PRECISION=bf16; use adamw with MIXED_PRECISION=no", "OPTIMIZER",
+                "MIXED_PRECISION")
+    resume = s.checkpoints.resume_from_checkpoint
+    if resume not in ("latest", "none") and not re.fullmatch(r"checkpoint-\d+", resume) and not Path(resume).is_dir():
+        problem(f"RESUME_FROM_CHECKPOINT={resume!r}: expected latest, none, checkpoint-N or an existing folder",
+                "RESUME_FROM_CHECKPOINT")
+    for text in lycoris_problems(s.adapter.lycoris_config):
+        problem(text, "LYCORIS_CONFIG")
+    scale = s.scale
+    if scale.num_machines > 1 and scale.machine_rank is None:
+        problem(f"NUM_MACHINES={scale.num_machines} needs MACHINE_RANK on each machine: 0 on the main one, 1 to "
+                f"{scale.num_machines - 1} on the others", "NUM_MACHINES", "MACHINE_RANK")
+    if scale.machine_rank is not None and scale.machine_rank >= scale.num_machines:
+        problem(f"MACHINE_RANK={scale.machine_rank} is out of range for NUM_MACHINES={scale.num_machines}: expected 0 "
+                f"to {scale.num_machines - 1}", "MACHINE_RANK", "NUM_MACHINES")
+    if scale.num_machines > 1 and not scale.main_process_ip:
+        problem(f"NUM_MACHINES={scale.num_machines} needs MAIN_PROCESS_IP: the address of the main machine "
+                "(MACHINE_RANK=0) that every machine can reach", "NUM_MACHINES", "MAIN_PROCESS_IP")
     for nick in s.validation.user_prompt_library:
         if not re.fullmatch(r"[\w.<>-]+", nick) or not isinstance(s.validation.user_prompt_library[nick], str):
-            p.append(f"USER_PROMPT_LIBRARY: entry {nick!r} needs a filename-safe nickname and a string prompt")
-    return p
+            problem(f"USER_PROMPT_LIBRARY: entry {nick!r} needs a filename-safe nickname and a string prompt",
+                    "USER_PROMPT_LIBRARY")
+    return found
 
 
 @dataclass(frozen=True)
@@ -578,50 +651,94 @@ class DatasetSpec:
     repeats: int
     minimum_image_size: int
     cache_dir_vae: str  # "" = OUTPUT_DIR/cache/vae
+    regularisation: bool = False  # parent-teacher: the target is the base model's own prediction
+    mask_dir: str = ""  # a folder of masks, one per image by relative name (a conditioning dataset's)
+    revision: str = "main"  # of a Hub dataset repo
+    split: str = "train"  # the parquet layout's split
+    image_column: str = ""  # parquet; "" = the image-typed column
+    caption_column: tuple[str, ...] = ()  # parquet; () = the first of text, caption, prompt
 
 
 # DATA_BACKEND_CONFIG keys: honoured (mapped onto DatasetSpec), or known to SimpleTuner but without effect here.
 _BACKEND_KEYS = ("caption_strategy", "instance_prompt", "resolution", "resolution_type", "crop", "crop_style",
                  "crop_aspect", "repeats", "minimum_image_size")
+# SimpleTuner's `"type": "huggingface"` keys (in the entry or its "huggingface" block) → the setting each overrides
+_BACKEND_HUB_KEYS = {"split": "dataset_split", "revision": "dataset_revision", "image_column": "image_column",
+                     "caption_column": "caption_column"}
+_BACKEND_TYPES = ("local", "huggingface")
 _BACKEND_IGNORED = {
     "maximum_image_size": "images are always resized straight to their bucket",
     "target_downsample_size": "images are always resized straight to their bucket",
     "metadata_backend": "images are discovered by listing the folder",
     "skip_file_discovery": "images are discovered by listing the folder",
-    "is_regularisation_data": "regularisation images are trained like the others",
     "write_batch_size": "embeddings are written one file each",
     "default": "there is one text-embedding cache",
     "vae_cache_clear_each_epoch": "latents are cached once, keyed by content",
 }
 
 
+def _columns(raw: Any) -> tuple[str, ...] | None:
+    """A caption column as SimpleTuner takes it: one name, or a list of names (each a caption of the row)."""
+    if isinstance(raw, str):
+        return (raw.strip(),) if raw.strip() else ()
+    if isinstance(raw, list) and raw and all(isinstance(c, str) and c.strip() for c in raw):
+        return tuple(c.strip() for c in raw)
+    return None
+
+
 def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]:
     """(datasets, text-embedding cache dir or "", problems, warnings) from DATASET_ID or DATA_BACKEND_CONFIG.
 
     Entries take their missing keys from the top-level data settings, as SimpleTuner's do."""
-    d = s.data
-    base = {k: getattr(d, k) for k in _BACKEND_KEYS}
-    if not d.data_backend_config:
-        return [DatasetSpec("dataset", d.dataset_id, cache_dir_vae="", **base)], "", [], []
+    data = s.data
+    base = {k: getattr(data, k) for k in _BACKEND_KEYS}
+    hub = {"revision": data.dataset_revision, "split": data.dataset_split, "image_column": data.image_column,
+           "caption_column": _columns(data.caption_column)}
+    if not data.data_backend_config:
+        return [DatasetSpec("dataset", data.dataset_id, cache_dir_vae="", **base, **hub)], "", [], []
     specs, problems, ignored, text_dir = [], [], set(), ""
-    for n, entry in enumerate(d.data_backend_config):
+    masks = _mask_datasets(data.data_backend_config, problems)
+    for n, entry in enumerate(data.data_backend_config):
         where = f"DATA_BACKEND_CONFIG[{n}]"
         if not isinstance(entry, dict):
             problems.append(f"{where}: expected an object")
             continue
         where = f"DATA_BACKEND_CONFIG[{entry.get('id', n)}]"
-        if str(entry.get("disabled", "false")).lower() in ("true", "1", "yes"):
+        if _truthy(entry.get("disabled", False)) or entry.get("dataset_type") == "conditioning":
             continue
         if entry.get("dataset_type") == "text_embeds":
             text_dir = str(entry.get("cache_dir", ""))
             ignored |= {k for k in entry if k in _BACKEND_IGNORED}
             continue
-        if entry.get("type", "local") != "local":
-            problems.append(f"{where}.type={entry['type']!r}: only local folders are supported")
-        folder = str(entry.get("instance_data_dir", ""))
-        if not folder or not Path(folder).expanduser().is_dir():
-            problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
+        kind = entry.get("type", "local")
+        if kind not in _BACKEND_TYPES:
+            problems.append(f"{where}.type={kind!r}: expected local (a folder: images, zips or parquet shards) or "
+                            "huggingface (a Hub dataset repo)")
+        block = entry.get("huggingface", {})
+        if not isinstance(block, dict):
+            problems.append(f"{where}.huggingface: expected an object")
+            block = {}
+        if kind == "huggingface":
+            source = str(entry.get("dataset_name", block.get("dataset_name", ""))).strip()
+            if not source:
+                problems.append(f"{where}.dataset_name is required for type huggingface (a Hub dataset repo id)")
+        else:
+            source = str(entry.get("instance_data_dir", ""))
+            if not source or not Path(source).expanduser().is_dir():
+                problems.append(f"{where}.instance_data_dir={source!r}: no such folder")
+        mask_dir = ""
+        if "conditioning_data" in entry:
+            ref = entry["conditioning_data"]
+            ref = ref[0] if isinstance(ref, list) and len(ref) == 1 else ref
+            if not isinstance(ref, str) or ref not in masks:
+                problems.append(f"{where}.conditioning_data={entry['conditioning_data']!r}: expected the id of an "
+                                f"enabled dataset_type conditioning entry with conditioning_type mask "
+                                f"({', '.join(sorted(masks)) or 'there is none'})")
+            else:
+                mask_dir = masks[ref]
         values = dict(base)
+        if kind == "huggingface":
+            values["caption_strategy"] = "huggingface"  # SimpleTuner's only strategy for these entries
         for key in _BACKEND_KEYS:
             if key in entry:
                 raw = entry[key]
@@ -632,27 +749,81 @@ def datasets(s: Settings) -> tuple[list[DatasetSpec], str, list[str], list[str]]
                     problems.append(f"{where}.{key}={raw!r}: {e}")
         if values["caption_strategy"] == "instanceprompt" and not values["instance_prompt"]:
             problems.append(f"{where}: caption_strategy instanceprompt needs instance_prompt")
-        known = set(_BACKEND_KEYS) | {"id", "type", "instance_data_dir", "disabled", "cache_dir_vae", "dataset_type"}
+        columns = dict(hub)
+        for key in _BACKEND_HUB_KEYS:
+            for scope, found in ((f"{where}.huggingface.{key}", block), (f"{where}.{key}", entry)):  # entry wins
+                if key not in found:
+                    continue
+                raw = found[key]
+                if key == "caption_column":
+                    parsed = _columns(raw)
+                    if parsed is None:
+                        problems.append(f"{scope}={raw!r}: expected a column name or a list of column names")
+                    else:
+                        columns[key] = parsed
+                elif not isinstance(raw, str) or not raw.strip():
+                    problems.append(f"{scope}={raw!r}: expected a non-empty string")
+                else:
+                    columns[key] = raw.strip()
+        known = set(_BACKEND_KEYS) | set(_BACKEND_HUB_KEYS) | {
+            "id", "type", "instance_data_dir", "dataset_name", "huggingface", "disabled", "cache_dir_vae",
+            "dataset_type", "conditioning_data", *_REGULARISATION_KEYS}
         ignored |= {k for k in entry if k not in known}
-        specs.append(DatasetSpec(str(entry.get("id", f"dataset-{n}")), folder,
-                                 cache_dir_vae=str(entry.get("cache_dir_vae", "")), **values))
+        ignored |= {f"huggingface.{k}" for k in block if k not in set(_BACKEND_HUB_KEYS) | {"dataset_name"}}
+        specs.append(DatasetSpec(str(entry.get("id", f"dataset-{n}")), source,
+                                 cache_dir_vae=str(entry.get("cache_dir_vae", "")), **values, **columns,
+                                 regularisation=any(_truthy(entry.get(k, False)) for k in _REGULARISATION_KEYS),
+                                 mask_dir=mask_dir))
     if not specs and not problems:
         problems.append("DATA_BACKEND_CONFIG: no enabled image dataset")
+    if specs and all(spec.regularisation for spec in specs):
+        warnings_extra = ["DATA_BACKEND_CONFIG: every dataset is regularisation data, so the adapter is trained to "
+                          "match the base model: its loss is 0 from the first step and its effect stays zero"]
+    else:
+        warnings_extra = []
     warnings = [f"DATA_BACKEND_CONFIG: {k} ignored ({_BACKEND_IGNORED.get(k, 'not a setting of this job')})"
-                for k in sorted(ignored)]
+                for k in sorted(ignored)] + warnings_extra
     return specs, text_dir, problems, warnings
 
 
-def not_yet_supported(s: Settings) -> list[str]:
-    """Settings whose effect lives outside this run (the Hub, trackers, the pod) that this version
-    cannot deliver yet: refused, so a user never walks away from a job that silently skips them."""
-    p = []
-    if s.output.webhook_url and not re.match(r"https?://", s.output.webhook_url):
-        p.append("WEBHOOK_URL: expected an http:// or https:// URL")
-    if s.cloud.pod_action_on_success == "terminate" and not s.output.push_to_hub:
-        p.append("POD_ACTION_ON_SUCCESS=terminate needs PUSH_TO_HUB=true: terminating deletes the volume, and with "
-                 "it the only copy of the output; use stop")
-    return p
+# SimpleTuner spells it both ways
+_REGULARISATION_KEYS = ("is_regularisation_data", "is_regularization_data")
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
+def _mask_datasets(entries: list, problems: list[str]) -> dict[str, str]:
+    """The enabled conditioning entries of DATA_BACKEND_CONFIG: id → mask folder (masks are the only kind)."""
+    masks = {}
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or entry.get("dataset_type") != "conditioning" or \
+                _truthy(entry.get("disabled", False)):
+            continue
+        where = f"DATA_BACKEND_CONFIG[{entry.get('id', n)}]"
+        if entry.get("conditioning_type") != "mask":
+            problems.append(f"{where}.conditioning_type={entry.get('conditioning_type')!r}: only mask conditioning "
+                            "(masked loss) is supported")
+            continue
+        masks[str(entry.get("id", f"dataset-{n}"))] = _local_folder(entry, where, problems,
+                                                                    "masks must be a local folder")
+    return masks
+
+
+def _local_folder(entry: dict, where: str, problems: list[str], other_types: str) -> str:
+    """An entry's `instance_data_dir`, which must be an existing local folder."""
+    if entry.get("type", "local") != "local":
+        problems.append(f"{where}.type={entry['type']!r}: {other_types}")
+    folder = str(entry.get("instance_data_dir", ""))
+    if not folder or not Path(folder).expanduser().is_dir():
+        problems.append(f"{where}.instance_data_dir={folder!r}: no such folder")
+    return folder
+
+
+def tokenizer_max_length(s: Settings) -> int:
+    """TOKENIZER_MAX_LENGTH as used: the setting, or MODEL_FLAVOUR's default when it is 0."""
+    return s.data.tokenizer_max_length or TOKENIZER_MAX_LENGTH_DEFAULTS[s.model.model_flavour]
 
 
 def lycoris_problems(cfg: dict) -> list[str]:

@@ -36,6 +36,36 @@ def checkpoint_bytes(adapter_params: int, keep: int) -> int:
     return ((keep or 1) + 1) * adapter_params * 4 * 4
 
 
+@dataclass(frozen=True)
+class DatasetPlan:
+    """What one dataset will put on disk: still to download (bytes), and images to encode at a resolution."""
+
+    source: str
+    download: int | None  # bytes still to fetch from the Hub; None for a local folder
+    images: int
+    resolution: int
+    latent_cache: Path
+    unpacked: int = 0  # bytes its zip archives extract to (OUTPUT_DIR/cache/archives)
+
+
+def run_needs(*, hf_home: Path, out: Path, model_download: int | None, datasets: list[DatasetPlan], offload_folder: Path | None,
+              offload_bytes: int, adapter_params: int, keep_checkpoints: int, text_tokens: int = 256) -> list[Need]:
+    """What a run writes where: model and dataset downloads, extracted archives, caches, offloaded weights,
+    checkpoints. `text_tokens`: TOKENIZER_MAX_LENGTH, the length of every cached text embedding."""
+    needs = [Need(hf_home, "model download", model_download)] if model_download is not None else []
+    for d in datasets:
+        if d.download is not None:
+            needs.append(Need(hf_home, f"dataset {d.source}", d.download))
+        if d.unpacked:
+            needs.append(Need(out / "cache" / "archives", f"archives of {d.source} extracted", d.unpacked))
+        needs.append(Need(d.latent_cache, "latent cache", latent_bytes(d.resolution, d.images)))
+        needs.append(Need(out / "cache" / "text", "text-embedding cache", text_bytes(d.images + 32, text_tokens)))
+    if offload_folder:
+        needs.append(Need(offload_folder, "group offload files", offload_bytes))
+    needs.append(Need(out, "checkpoints", checkpoint_bytes(adapter_params, keep_checkpoints)))
+    return needs
+
+
 def existing_parent(folder: Path) -> Path:
     folder = folder.expanduser().resolve()
     while not folder.exists() and folder != folder.parent:

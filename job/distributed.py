@@ -2,7 +2,9 @@
 
 torchrun starts one process per GPU and sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `cli` reads
 them into `Ranks` (torch's own env:// rendezvous reads them too). With one process every method here is a
-plain call, so the single-GPU path pays nothing.
+plain call, so the single-GPU path pays nothing. With several machines, each machine's local rank 0 does that
+machine's share of the work that needs its own disk (`per_machine`), and `unshared` tells which folders every
+machine sees.
 
 Two groups. The default one (NCCL on CUDA, gloo on CPU) carries the per-step collectives, with a short
 timeout: a peer that hangs fails the step within minutes. A gloo group with a long timeout carries the waits
@@ -13,20 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from job.errors import JobError, RankZeroFailed
+from job.errors import Fault, JobError, PeerFailed, RankZeroFailed, RankZeroFault, exit_code
 
 log = logging.getLogger("job")
 T = TypeVar("T")
 
 STEP_TIMEOUT = timedelta(minutes=10)  # between two ranks' arrival at the same training collective
 WAIT_TIMEOUT = timedelta(hours=24)  # rank 0 alone: a model download, a validation round, a checkpoint
+SHARED_WAIT_S = 5.0  # how long a machine looks for the file rank 0 wrote into a shared folder (network file systems)
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ class Ranks:
     world: int = 1
     local_rank: int = 0  # which of this node's GPUs is ours
     master_addr: str = ""
+    node: int = 0  # torchrun's GROUP_RANK: this machine's place in the rendezvous (not always its MACHINE_RANK)
+    nodes: int = 1  # torchrun's GROUP_WORLD_SIZE: the machines in the job
+    machine: int = 0  # MACHINE_RANK, the name messages give this machine
 
 
 class Context:
@@ -44,6 +53,7 @@ class Context:
 
     def __init__(self, ranks: Ranks, device: torch.device, waits=None):
         self.rank, self.world, self.device = ranks.rank, ranks.world, device
+        self.local_rank, self.node, self.nodes, self.machine = ranks.local_rank, ranks.node, ranks.nodes, ranks.machine
         self._waits = waits  # the long-timeout gloo group
 
     @property
@@ -63,19 +73,21 @@ class Context:
             try:
                 box[0] = ("ok", fn())
             except Exception as e:
-                code = e.exit_code if isinstance(e, JobError) else 1
-                dist.broadcast_object_list([("failed", code, str(e).splitlines()[0] if str(e) else type(e).__name__)],
-                                           src=0, group=self._waits)
+                code = exit_code(e)  # a full disk or a failed GPU: the others leave with the code rank 0 leaves with
+                fault = isinstance(e, Fault) or not isinstance(e, JobError)  # rank 0 will not wait for them
+                dist.broadcast_object_list([("failed", code, str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                             fault)], src=0, group=self._waits)
                 raise
         dist.broadcast_object_list(box, src=0, group=self._waits)
         if box[0][0] == "failed":
-            raise RankZeroFailed(box[0][1], box[0][2])
+            _, code, message, fault = box[0]
+            raise (RankZeroFault if fault else RankZeroFailed)(code, message)
         return box[0][1]
 
-    def hook(self, due: Callable[[int], bool], work: Callable[[int], T] | None) -> Callable[[int], T | None]:
-        """A per-step hook whose `work` only rank 0 does (the others pass None); on the steps it is `due`, the
-        others wait for it, so the next step's collectives never wait on a validation round."""
-        return lambda step: self.main_only(lambda: work(step)) if due(step) else None
+    def hook(self, due: Callable[[int], bool], work: Callable[[Any], T]) -> Callable[[Any], T | None]:
+        """A Trainer hook whose `work` only rank 0 does: on the steps it is `due`, the others wait for it, so the
+        next step's collectives never wait on a validation round."""
+        return lambda trainer: self.main_only(lambda: work(trainer)) if due(trainer.step) else None
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -92,6 +104,56 @@ class Context:
         out = [None] * self.world if self.is_main else None
         dist.gather_object(obj, out, dst=0, group=self._waits)
         return out
+
+    # ------------------------------------------------------------ several machines
+
+    def per_machine(self, fn: Callable[[], T]) -> T:
+        """Each machine's local rank 0 runs `fn` (the machine's own downloads), at the same time as the others; every
+        rank gets its machine's result. When it failed on any machine, every rank leaves with that exit code."""
+        if self.nodes == 1:
+            return self.main_only(fn)
+        import torch.distributed as dist
+
+        outcome, error = None, None
+        if self.local_rank == 0:
+            try:
+                outcome = ("ok", fn())
+            except Exception as e:
+                error = e
+                outcome = ("failed", e.exit_code if isinstance(e, JobError) else 1,
+                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, (self.node, self.machine, outcome), group=self._waits)
+        if error is not None:
+            raise error
+        for _, machine, result in everyone:
+            if result is not None and result[0] == "failed":
+                raise PeerFailed(result[1], f"machine {machine} failed: {result[2]}")
+        return next(result[1] for node, _, result in everyone if node == self.node and result is not None)
+
+    def unshared(self, folders: Sequence[Path]) -> list[list[int]]:
+        """For each folder: the machines (their MACHINE_RANK) on which it does not hold the file that rank 0 has just
+        written into it; [] where every machine sees the same folder. Rank 0 creates the folders."""
+        if self.nodes == 1:
+            return [[] for _ in folders]
+        import torch.distributed as dist
+
+        box = [uuid.uuid4().hex]
+        dist.broadcast_object_list(box, src=0, group=self._waits)
+        token = box[0]
+        markers = [Path(folder) / f".shared-{token}" for folder in folders]
+        if self.is_main:
+            for marker in markers:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(token)
+        self.barrier()
+        seen = [_holds(marker, token) for marker in markers] if self.local_rank == 0 else [True] * len(markers)
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, (self.machine, seen), group=self._waits)
+        if self.is_main:
+            for marker in markers:
+                marker.unlink(missing_ok=True)
+        return [sorted({machine for machine, held in everyone if not held[i]}) for i in range(len(markers))]
 
     # ------------------------------------------------------------ sharing work and data
 
@@ -118,22 +180,22 @@ class Context:
         dist.broadcast(flat, src=0)
         _unflat(flat, params)
 
-    def average_gradients(self, params: Sequence[torch.nn.Parameter], loss: float) -> float:
-        """The mean over ranks of the adapter gradients and of the loss, in one all-reduce (the frozen base has no
+    def average_gradients(self, params: Sequence[torch.nn.Parameter], losses: list[float]) -> list[float]:
+        """The mean over ranks of the adapter gradients and of the losses, in one all-reduce (the frozen base has no
         gradients, so it never travels). Each rank's loss is the mean over its equal share of the global batch,
-        so this is the gradient one process would get from the whole global batch. Returns the mean loss."""
+        so this is the gradient one process would get from the whole global batch. Returns the mean losses."""
         if self.world == 1:
-            return loss
+            return losses
         import torch.distributed as dist
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([_flat(grads), torch.tensor([loss], dtype=torch.float32, device=self._collective_device)])
+        flat = torch.cat([_flat(grads), torch.tensor(losses, dtype=torch.float32, device=self._collective_device)])
         dist.all_reduce(flat)
         flat /= self.world
         for p, g in zip(params, grads):
             p.grad = g
-        _unflat(flat[:-1], grads)
-        return float(flat[-1])
+        _unflat(flat[:-len(losses)], grads)
+        return flat[-len(losses):].tolist()
 
     def agree_stop(self, signum: int | None) -> int | None:
         """A stop request seen by any rank stops them all at the same step (the signal reaches them at different
@@ -149,6 +211,20 @@ class Context:
     @property
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def _holds(marker: Path, token: str) -> bool:
+    """Whether `marker` is here with `token` in it; a network file system may show a new file a moment late."""
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while True:
+        try:
+            if marker.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
 
 
 SINGLE = Context(Ranks(), torch.device("cpu"))  # one process: every collective above is a plain return
@@ -183,12 +259,15 @@ def started(ranks: Ranks, device: torch.device) -> Iterator[Context]:
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, timeout=STEP_TIMEOUT, device_id=device if cuda else None)
     waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
-    log.info("data parallel: %d processes (%s), master %s", ranks.world, backend, ranks.master_addr or "local")
+    log.info("data parallel: %d processes (%s)%s, master %s", ranks.world, backend,
+             f" on {ranks.nodes} machines" if ranks.nodes > 1 else "", ranks.master_addr or "local")
     try:
         yield Context(ranks, device, waits)
-    except JobError:  # an orderly end: the ranks are in step, so the group closes cleanly
-        dist.destroy_process_group()
+    except JobError as e:  # an orderly end: the ranks are in step, so the group closes cleanly
+        if not isinstance(e, Fault):
+            dist.destroy_process_group()
         raise
     else:
         dist.destroy_process_group()
-    # any other exception leaves the group as it is: a dead peer can make destroying it hang
+    # a Fault or any other exception leaves the group as it is: a peer still in a collective (or a CUDA context a
+    # failed kernel poisoned) can make destroying it hang

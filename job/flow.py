@@ -49,7 +49,3 @@ def model_timestep(s: torch.Tensor) -> torch.Tensor:
     """What the AuraFlow transformer receives for sigma s (see the module docstring)."""
     return s
 
-
-def euler_step(x: torch.Tensor, v: torch.Tensor, s_from: torch.Tensor, s_to: torch.Tensor) -> torch.Tensor:
-    """One step of the flow ODE; from s to 0 with the exact velocity it lands on x0."""
-    return x + _expand(s_to - s_from, x) * v

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from job.errors import HubAccessError, PushError
+from job.errors import HubAccessError, PushError, disk_full
+from job.outputs import comfyui_file
 
 log = logging.getLogger("job")
 T = TypeVar("T")
@@ -31,7 +32,8 @@ MODEL_FILES = [
     "vae/*.json", "vae/*.safetensors",
 ]
 NEVER = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.py", "*.fp16.safetensors"]
-CONFIG_FILES = ["model_index.json", "transformer/config.json", "vae/config.json"]
+CONFIG_FILES = ["model_index.json", "transformer/config.json", "vae/config.json", "tokenizer/tokenizer_config.json",
+                "text_encoder/config.json"]
 PUSHED = ["pytorch_lora_weights.safetensors", "lycoris_config.json", "training_config.json", "README.md",
           "loss.png", "samples/*.png", "samples/step-*/*.png"]
 RETRY_BASE_S = 1.0
@@ -140,8 +142,9 @@ def preflight(*, token: str, model: tuple[str, str], datasets: list[tuple[str, s
 
 
 def pending_download(ref: str, revision: str, token: str, repo_type: str, allow: list[str] | None,
-                     attempts: int) -> tuple[int, list[str]]:
-    """(bytes not yet in the local cache, the repo's files that a pull would fetch), for the disk preflight."""
+                     attempts: int) -> tuple[int, dict[str, int]]:
+    """(bytes not yet in the local cache, {file: size} of the repo's files that a pull would fetch), for the disk
+    preflight and for choosing what to pull (a parquet dataset's split)."""
     import fnmatch
 
     from huggingface_hub import HfApi, try_to_load_from_cache
@@ -158,7 +161,7 @@ def pending_download(ref: str, revision: str, token: str, repo_type: str, allow:
     pending = sum(f.size or 0 for f in files
                   if not isinstance(try_to_load_from_cache(ref, f.rfilename, revision=info.sha, repo_type=repo_type),
                                     str))
-    return pending, [f.rfilename for f in files]
+    return pending, {f.rfilename: f.size or 0 for f in files}
 
 
 def cache_folder() -> Path:
@@ -180,6 +183,8 @@ def _snapshot(ref: str, revision: str, token: str, repo_type: str, allow: list[s
     try:
         path = retry(f"download {what} {ref}", download, attempts)
     except Exception as e:
+        if disk_full(e):  # HF_HOME is full: no Hub error (the central failure report names the folder)
+            raise
         if not _transient(e) or constants.HF_HUB_DISABLE_XET:
             raise _hub_error(what, ref, e) from None
         # Xet transfers are known to stall on large repos: one more round over plain HTTP before giving up
@@ -202,15 +207,21 @@ def pull_model(ref: str, revision: str, token: str, attempts: int = 3) -> Pulled
     return Pulled(folder, None) if folder else _snapshot(ref, revision, token, "model", MODEL_FILES, "model", attempts)
 
 
-def pull_dataset(ref: str, revision: str, token: str, attempts: int = 3) -> Pulled:
+def pull_dataset(ref: str, revision: str, token: str, attempts: int = 3, allow: list[str] | None = None) -> Pulled:
+    """`allow`: the files to fetch (a parquet dataset's split), None for all."""
     folder = local_folder(ref)
-    return Pulled(folder, None) if folder else _snapshot(ref, revision, token, "dataset", None, "dataset", attempts)
+    return Pulled(folder, None) if folder else _snapshot(ref, revision, token, "dataset", allow, "dataset", attempts)
 
 
 # ---------------------------------------------------------------- pushes
 
+def pushed(repo: str) -> list[str]:
+    """What the push takes from OUTPUT_DIR: the ComfyUI copy by its exact name, so no other file is caught."""
+    return [*PUSHED, comfyui_file(repo)]
+
+
 def push_command(out: Path, repo: str) -> str:
-    includes = " ".join(f"--include '{p}'" for p in PUSHED)
+    includes = " ".join(f"--include '{p}'" for p in pushed(repo))
     return f"hf upload {repo} {out} . {includes} --commit-message 'LoKr adapter'"
 
 
@@ -222,7 +233,8 @@ def push(out: Path, repo: str, *, token: str, private: bool, attempts: int) -> s
     api = HfApi(token=token)
     try:
         retry("create repo", lambda: api.create_repo(repo, private=private, exist_ok=True), attempts)
-        info = retry("upload", lambda: api.upload_folder(repo_id=repo, folder_path=str(out), allow_patterns=PUSHED,
+        info = retry("upload", lambda: api.upload_folder(repo_id=repo, folder_path=str(out),
+                                                         allow_patterns=pushed(repo),
                                                          commit_message="LoKr adapter, samples and model card"),
                      attempts)
     except Exception as e:
@@ -288,6 +300,7 @@ def fetch_latest_checkpoint(repo: str, dest: Path, *, token: str, attempts: int)
     from huggingface_hub import HfApi, snapshot_download
 
     api = HfApi(token=token)
+    tmp = None
     try:
         steps = retry("list checkpoints", lambda: hub_checkpoints(api, repo), attempts)
         if not steps:
@@ -297,6 +310,10 @@ def fetch_latest_checkpoint(repo: str, dest: Path, *, token: str, attempts: int)
         retry("download checkpoint", lambda: snapshot_download(repo, token=token, allow_patterns=[f"checkpoints/{name}/*"],
                                                                local_dir=str(tmp)), attempts)
     except Exception as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # (and checkpoint.complete clears one a kill left)
+        if disk_full(e):
+            raise
         raise _hub_error("checkpoints of", repo, e) from None
     dest.mkdir(parents=True, exist_ok=True)
     (tmp / "checkpoints" / name).replace(dest / name)

@@ -7,6 +7,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger("job")
@@ -17,14 +18,21 @@ _secrets: set[str] = set()
 MASK = "***"
 
 
+def _maskable(value: str | None) -> bool:
+    return bool(value) and len(value) >= 4  # shorter values would mask common words
+
+
 def register_secret(value: str | None) -> None:
-    if value and len(value) >= 4:
+    if _maskable(value):
         _secrets.add(value)
 
 
-def redact(text: str) -> str:
-    for s in sorted(_secrets, key=len, reverse=True):
-        text = text.replace(s, MASK)
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every registered secret, every one of `secrets` and anything token-shaped masked. A token pasted
+    into the wrong setting (a prompt, say) must not be echoed anywhere: logs, problem lines, status.json,
+    training_config.json, tracker configs, the model card, webhooks."""
+    for secret in sorted(_secrets.union(filter(_maskable, secrets)), key=len, reverse=True):
+        text = text.replace(secret, MASK)
     return _TOKEN_SHAPED.sub(MASK, text)
 
 
@@ -87,8 +95,12 @@ class StatusFile:
         self.last = now
         self.state["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(redact(json.dumps(self.state, indent=1)), encoding="utf-8")
-        tmp.replace(self.path)
+        try:
+            tmp.write_text(redact(json.dumps(self.state, indent=1)), encoding="utf-8")
+            tmp.replace(self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class Progress:

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from job.precision import BASE_PRECISIONS, MIXED_PRECISIONS
+
 GiB = 2**30
 # Tensors of hidden width alive inside one MMDiT block during its forward+backward, per token: q, k, v, attention
 # out, two norms and modulations, the gated MLP (3 × 8/3 width), their gradients. An upper estimate.
@@ -62,19 +64,19 @@ class Estimate:
                 "plus the CUDA context)")
 
 
-QUANT_BYTES = {"int8-quanto": 1.0 + 4 / 1024, "int4-quanto": 0.5 + 4 / 128, "nf4-bnb": 0.5 + 4 / 64}
 OPTIMIZER_STATES = {"adamw": 2, "optimi-adamw": 2, "adamw_bf16": 2, "optimi-lion": 1}  # × the parameter's bytes
 OPTIMIZER_BYTES = {"bnb-adamw8bit": 2, "bnb-adamw8bit-paged": 2, "bnb-lion8bit": 1, "bnb-lion8bit-paged": 1}
 
 
 def _dense(mixed_precision: str) -> int:
-    return 2 if mixed_precision == "bf16" else 4
+    return MIXED_PRECISIONS[mixed_precision].bytes
 
 
 def _block_bytes(size: ModelSize, precision: str, mixed_precision: str) -> list[float]:
     dense = _dense(mixed_precision)
-    return [lin * QUANT_BYTES.get(precision, dense) + other * dense
-            for lin, other in zip(size.block_linear, size.block_other)]
+    linear = BASE_PRECISIONS[precision].linear_bytes
+    linear = dense if linear is None else linear
+    return [lin * linear + other * dense for lin, other in zip(size.block_linear, size.block_other)]
 
 
 def weight_bytes(size: ModelSize, precision: str, mixed_precision: str) -> float:

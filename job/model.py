@@ -15,16 +15,17 @@ from pathlib import Path
 
 import torch
 
-from job.config import Settings, grid_problems
+from job.config import Settings, grid_problems, tokenizer_max_length
 from job.errors import ConfigError
+from job.precision import BASE_PRECISIONS, MIXED_PRECISIONS, quantised_alternatives
 
 log = logging.getLogger("job")
 
-MAX_SEQUENCE_LENGTH = 256  # what AuraFlowPipeline.encode_prompt uses by default, so inference matches training
+TOKENIZER_UNSET = 10**7  # transformers writes int(1e30) as model_max_length when a tokenizer declares no limit
 
 
 @dataclass(frozen=True)
-class Geometry:
+class Grid:
     """What the model's own small config files say about the sizes it accepts."""
 
     patch_size: int
@@ -37,19 +38,19 @@ class Geometry:
         return self.patch_size * self.vae_scale_factor
 
 
-def read_geometry(model_dir: Path) -> Geometry:
-    t = json.loads((model_dir / "transformer" / "config.json").read_text())
-    v = json.loads((model_dir / "vae" / "config.json").read_text())
-    return Geometry(t["patch_size"], t["pos_embed_max_size"], 2 ** (len(v["block_out_channels"]) - 1),
-                    v["latent_channels"])
+def read_grid(model_dir: Path) -> Grid:
+    transformer = json.loads((model_dir / "transformer" / "config.json").read_text())
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    return Grid(transformer["patch_size"], transformer["pos_embed_max_size"],
+                2 ** (len(vae["block_out_channels"]) - 1), vae["latent_channels"])
 
 
-def geometry_problems(settings: Settings, geo: Geometry, resolutions: list[int]) -> list[str]:
+def resolution_problems(settings: Settings, grid: Grid, resolutions: list[int]) -> list[str]:
     """`resolutions`: each dataset's; a square bucket for both types (data.py clamps other aspects to the grid)."""
     return grid_problems({"RESOLUTION": [(r, r) for r in resolutions],
                           "VALIDATION_RESOLUTION": list(settings.validation.validation_resolution)},
-                         patch_size=geo.patch_size, pos_embed_max_size=geo.pos_embed_max_size,
-                         vae_scale_factor=geo.vae_scale_factor, exact=("VALIDATION_RESOLUTION",))
+                         patch_size=grid.patch_size, pos_embed_max_size=grid.pos_embed_max_size,
+                         vae_scale_factor=grid.vae_scale_factor, exact=("VALIDATION_RESOLUTION",))
 
 
 def pick_device() -> torch.device:
@@ -58,25 +59,26 @@ def pick_device() -> torch.device:
 
 def device_problems(settings: Settings, device: torch.device) -> list[str]:
     """Settings that need hardware this machine lacks: refused before anything loads."""
-    p = []
+    problems = []
+    training, memory = settings.training, settings.memory
+    base = BASE_PRECISIONS[training.base_model_precision]
     if device.type != "cuda":
-        if settings.training.optimizer.endswith("-paged"):
-            p.append(f"OPTIMIZER={settings.training.optimizer}: paged optimizers need a CUDA GPU; "
-                     "use the non-paged form on this machine")
-        if settings.training.base_model_precision == "nf4-bnb":
-            p.append("BASE_MODEL_PRECISION=nf4-bnb needs a CUDA GPU; use int8-quanto or int4-quanto here")
-        m = settings.memory
-        if (m.enable_group_offload and m.group_offload_to_disk_path and settings.training.mixed_precision == "bf16"
-                and settings.training.base_model_precision in ("int8-quanto", "int4-quanto")):
-            # measured: torch's CPU int8 kernel (_weight_int8pack_mm) segfaults on weights read back from disk
-            p.append(f"GROUP_OFFLOAD_TO_DISK_PATH with BASE_MODEL_PRECISION={settings.training.base_model_precision} "
-                     "and MIXED_PRECISION=bf16 crashes torch's CPU kernels: on a machine without CUDA use "
-                     "MIXED_PRECISION=no, or offload to RAM")
-    return p
+        if training.optimizer.endswith("-paged"):
+            problems.append(f"OPTIMIZER={training.optimizer}: paged optimizers need a CUDA GPU; "
+                            "use the non-paged form on this machine")
+        if base.needs_cuda:
+            problems.append(f"BASE_MODEL_PRECISION={base.name} needs a CUDA GPU; use "
+                            f"{quantised_alternatives(lambda p: not p.needs_cuda)} here")
+        if (memory.enable_group_offload and memory.group_offload_to_disk_path and training.mixed_precision == "bf16"
+                and not base.cpu_bf16_from_disk):
+            problems.append(f"GROUP_OFFLOAD_TO_DISK_PATH with BASE_MODEL_PRECISION={base.name} "
+                            "and MIXED_PRECISION=bf16 crashes torch's CPU kernels: on a machine without CUDA use "
+                            "MIXED_PRECISION=no, or offload to RAM")
+    return problems
 
 
 def train_dtype(settings: Settings) -> torch.dtype:
-    return torch.bfloat16 if settings.training.mixed_precision == "bf16" else torch.float32
+    return getattr(torch, MIXED_PRECISIONS[settings.training.mixed_precision].dtype)
 
 
 def load_text_encoder(model_dir: Path, device: torch.device):
@@ -90,10 +92,46 @@ def load_text_encoder(model_dir: Path, device: torch.device):
 
 
 @torch.no_grad()
-def encode_prompts(text_pipe, prompts: list[str], device: torch.device) -> torch.Tensor:
+def encode_prompts(text_pipe, prompts: list[str], device: torch.device, max_length: int) -> torch.Tensor:
+    """(len(prompts), max_length, dim): each prompt truncated or padded to `max_length` tokens (TOKENIZER_MAX_LENGTH),
+    as the pipeline's encode_prompt does at inference with max_sequence_length."""
     embeds, _, _, _ = text_pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                              max_sequence_length=MAX_SEQUENCE_LENGTH)
+                                              max_sequence_length=max_length)
     return embeds
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens of each text as the pipeline's tokenizer makes them (with the end-of-sequence token), untruncated."""
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
+
+
+def text_limit(config_dir: Path) -> tuple[int, str] | None:
+    """(the longest token sequence the text encoder declares it takes, where it says so), from the small config
+    files (read before any weights move); None when neither the tokenizer nor the encoder declares one (T5's
+    relative positions have no fixed table)."""
+    for rel, keys in (("tokenizer/tokenizer_config.json", ("model_max_length",)),
+                      ("text_encoder/config.json", ("max_position_embeddings", "n_positions"))):
+        try:
+            cfg = json.loads((config_dir / rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            value = cfg.get(key) if isinstance(cfg, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value < TOKENIZER_UNSET:
+                return value, f"{rel} {key}"
+    return None
+
+
+def text_length_problems(settings: Settings, config_dir: Path) -> list[str]:
+    """TOKENIZER_MAX_LENGTH (or the flavour's default) beyond what the model's text encoder declares."""
+    limit = text_limit(config_dir)
+    length = tokenizer_max_length(settings)
+    if limit is None or length <= limit[0]:
+        return []
+    given = (f"TOKENIZER_MAX_LENGTH={length}" if settings.data.tokenizer_max_length else
+             f"TOKENIZER_MAX_LENGTH (MODEL_FLAVOUR={settings.model.model_flavour}'s default {length})")
+    return [f"{given}: this model's text encoder takes at most {limit[0]} tokens ({limit[1]}); set "
+            f"TOKENIZER_MAX_LENGTH={limit[0]} or lower"]
 
 
 def release(device: torch.device) -> None:
@@ -123,33 +161,34 @@ def load_transformer(model_dir: Path, settings: Settings, device: torch.device):
     when group offloading will move it block by block (`offload_transformer`, after the adapter is applied)."""
     from diffusers import AuraFlowTransformer2DModel
 
-    t, m = settings.training, settings.memory
+    training, memory = settings.training, settings.memory
+    base = BASE_PRECISIONS[training.base_model_precision]
     dtype = train_dtype(settings)
     kwargs = {}
-    if t.base_model_precision == "nf4-bnb":
+    if base.library == "bnb":  # quantised while loading, and placed on the GPU by bitsandbytes
         from diffusers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=base.weight_type,
                                                            bnb_4bit_compute_dtype=dtype)
     transformer = AuraFlowTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", dtype=dtype,
                                                              **kwargs)
     transformer.requires_grad_(False)
-    if t.base_model_precision in ("int8-quanto", "int4-quanto"):
+    if base.library == "quanto":
         # on the GPU unless QUANTIZE_VIA=cpu; group offloading always quantises there, its payload packed for the
         # device's kernels (offload.expose_quantized_payload)
-        on = device if t.quantize_via == "accelerator" or m.enable_group_offload else torch.device("cpu")
-        quantize_blocks(transformer, t.base_model_precision, on, keep=not m.enable_group_offload,
-                        expose=m.enable_group_offload)
-    if m.enable_group_offload:
+        on = device if training.quantize_via == "accelerator" or memory.enable_group_offload else torch.device("cpu")
+        quantize_blocks(transformer, base.name, on, keep=not memory.enable_group_offload,
+                        expose=memory.enable_group_offload)
+    if memory.enable_group_offload:
         transformer.to("cpu")
-    elif t.base_model_precision != "nf4-bnb":
+    elif base.movable:
         transformer.to(device)
-        if m.enable_model_cpu_offload and t.base_model_precision in ("int8-quanto", "int4-quanto"):
+        if memory.enable_model_cpu_offload and base.library == "quanto":
             from job import offload
 
             offload.expose_quantized_payload(transformer)  # on the device: the payload keeps that device's packing
     if checkpointing(settings):
-        if not t.gradient_checkpointing:
+        if not training.gradient_checkpointing:
             log.warning("ENABLE_GROUP_OFFLOAD=true turns on GRADIENT_CHECKPOINTING: without it autograd keeps every "
                         "block's weights until the backward, and offloading would save nothing")
         transformer.enable_gradient_checkpointing()
@@ -166,11 +205,11 @@ def use_stream(settings: Settings, device: torch.device) -> bool:
     """GROUP_OFFLOAD_USE_STREAM resolved: auto is on with CUDA when the grouping allows prefetching one block at a
     time in RAM. Without the stream every block is copied to the GPU and back synchronously, twice a step; disk
     spill and CPU-only machines keep that path."""
-    m = settings.memory
-    if m.group_offload_use_stream is not None:
-        return m.group_offload_use_stream
-    return (device.type == "cuda" and m.enable_group_offload and m.group_offload_type == "block_level"
-            and m.group_offload_blocks_per_group == 1 and not m.group_offload_to_disk_path)
+    memory = settings.memory
+    if memory.group_offload_use_stream is not None:
+        return memory.group_offload_use_stream
+    return (device.type == "cuda" and memory.enable_group_offload and memory.group_offload_type == "block_level"
+            and memory.group_offload_blocks_per_group == 1 and not memory.group_offload_to_disk_path)
 
 
 def offload_transformer(transformer, network, settings: Settings, device: torch.device, model_dir: Path):
@@ -181,9 +220,9 @@ def offload_transformer(transformer, network, settings: Settings, device: torch.
     fingerprint = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), settings.training.base_model_precision,
                                              settings.training.mixed_precision]).encode()).hexdigest()[:12]
     m = settings.memory
-    plan = offload.Plan(m.group_offload_type, m.group_offload_blocks_per_group, use_stream(settings, device),
+    policy = offload.Policy(m.group_offload_type, m.group_offload_blocks_per_group, use_stream(settings, device),
                         m.group_offload_to_disk_path)
-    off = offload.apply(transformer, network, device, plan, fingerprint)
+    off = offload.apply(transformer, network, device, policy, fingerprint)
     log.info("group offload: %d groups (%s, %d block(s) per group%s), to %s", len(off.groups),
              m.group_offload_type, m.group_offload_blocks_per_group,
              (", stream prefetch" + (" (GROUP_OFFLOAD_USE_STREAM=auto: on with CUDA)"
@@ -212,10 +251,11 @@ def quantize_blocks(transformer: torch.nn.Module, precision: str, device: torch.
 
 
 def quantize_quanto(transformer: torch.nn.Module, precision: str) -> None:
-    from optimum.quanto import freeze, qint4, qint8, quantize
+    import optimum.quanto
+    from optimum.quanto import freeze, quantize
 
     # Embeddings, norms and the output projection are small and sensitive; quantise the block Linears.
-    quantize(transformer, weights=qint8 if precision == "int8-quanto" else qint4,
+    quantize(transformer, weights=getattr(optimum.quanto, BASE_PRECISIONS[precision].weight_type),
              exclude=["pos_embed*", "time_step*", "context_embedder", "norm_out*", "proj_out"])
     freeze(transformer)
     # quanto's freeze() creates new weight Parameters with requires_grad=True: freeze the base again.
@@ -247,7 +287,7 @@ def adapter_check(model_dir: Path, lycoris_config: dict):
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel.from_config(AuraFlowTransformer2DModel.load_config(model_dir / "transformer"))
-        size = model_size(shell, read_geometry(model_dir))
+        size = model_size(shell, read_grid(model_dir))
         try:
             network = _lycoris_network(shell, lycoris_config)
         except ConfigError as e:
@@ -258,7 +298,7 @@ def adapter_check(model_dir: Path, lycoris_config: dict):
     return [], sum(p.numel() for lora in network.loras for p in lora.parameters()), size
 
 
-def model_size(transformer: torch.nn.Module, geo: Geometry):
+def model_size(transformer: torch.nn.Module, grid: Grid):
     """Parameter counts for the memory estimate (works on a meta-device shell)."""
     from job.memory import ModelSize
     from job.offload import blocks as transformer_blocks
@@ -270,30 +310,30 @@ def model_size(transformer: torch.nn.Module, geo: Geometry):
     numels = [p.numel() for b in blocks for p in b.parameters()]
     pinned = sum(1 << (n - 1).bit_length() for n in numels) / max(1, sum(numels))
     return ModelSize(outside=sum(p.numel() for p in transformer.parameters()) - sum(total),
-                     block_linear=tuple(linear), block_other=tuple(t - lin for t, lin in zip(total, linear)),
+                     block_linear=tuple(linear), block_other=tuple(tot - lin for tot, lin in zip(total, linear)),
                      hidden=cfg.num_attention_heads * cfg.attention_head_dim,
-                     patch_size=geo.patch_size, vae_scale_factor=geo.vae_scale_factor, pinned_ratio=pinned)
+                     patch_size=grid.patch_size, vae_scale_factor=grid.vae_scale_factor, pinned_ratio=pinned)
 
 
 def memory_estimate(settings: Settings, size, adapter_params: int, resolution: int, device: torch.device):
-    from job import memory
+    from job.memory import estimate
 
-    t, m = settings.training, settings.memory
-    return memory.estimate(size, adapter_params, precision=t.base_model_precision, mixed_precision=t.mixed_precision,
-                           optimizer=t.optimizer, resolution=resolution, batch=t.train_batch_size,
-                           text_tokens=MAX_SEQUENCE_LENGTH,
-                           checkpointing=checkpointing(settings),
-                           group_offload=m.enable_group_offload, offload_type=m.group_offload_type,
-                           blocks_per_group=m.group_offload_blocks_per_group, stream=use_stream(settings, device))
+    training, memory = settings.training, settings.memory
+    return estimate(size, adapter_params, precision=training.base_model_precision,
+                    mixed_precision=training.mixed_precision, optimizer=training.optimizer, resolution=resolution,
+                    batch=training.train_batch_size, text_tokens=tokenizer_max_length(settings),
+                    checkpointing=checkpointing(settings),
+                    group_offload=memory.enable_group_offload, offload_type=memory.group_offload_type,
+                    blocks_per_group=memory.group_offload_blocks_per_group, stream=use_stream(settings, device))
 
 
 def host_memory_estimate(settings: Settings, size, device: torch.device):
-    from job import memory
+    from job.memory import host_estimate
 
-    t, m = settings.training, settings.memory
-    return memory.host_estimate(size, precision=t.base_model_precision, mixed_precision=t.mixed_precision,
-                                device=device.type, group_offload=m.enable_group_offload,
-                                stream=use_stream(settings, device), to_disk=bool(m.group_offload_to_disk_path))
+    training, memory = settings.training, settings.memory
+    return host_estimate(size, precision=training.base_model_precision, mixed_precision=training.mixed_precision,
+                         device=device.type, group_offload=memory.enable_group_offload,
+                         stream=use_stream(settings, device), to_disk=bool(memory.group_offload_to_disk_path))
 
 
 def create_adapter(transformer: torch.nn.Module, lycoris_config: dict, dtype: torch.dtype,
@@ -355,5 +395,9 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 def save_adapter(network, path: Path, lycoris_config: dict) -> None:
     """Write via a temporary name so a crash never leaves a torn adapter under the final name."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix: lycoris picks the format by it
-    network.save_weights(str(tmp), None, adapter_metadata(lycoris_config))
-    tmp.replace(path)
+    try:
+        network.save_weights(str(tmp), None, adapter_metadata(lycoris_config))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no torn temporary file behind
+        raise

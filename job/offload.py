@@ -48,7 +48,9 @@ FOLDER_PREFIX = "offload-"
 
 
 @dataclass(frozen=True)
-class Plan:
+class Policy:
+    """How the transformer's weights are offloaded (the ENABLE_GROUP_OFFLOAD settings, resolved)."""
+
     kind: str = "block_level"  # or "leaf_level"
     blocks_per_group: int = 1
     use_stream: bool = False
@@ -211,7 +213,6 @@ class GroupOffload:
         # block first: that block onloads it there (and the first block must not load it again)
         self.spanning = {i: [g for g in self.groups if len(g.modules) > 1 and g.modules[-1] is b]
                          for i, b in enumerate(self.blocks)}
-        self.released = 0  # block backwards that offloaded their groups (tests and logs)
         self._forward_chain: dict | None = None
         self._reversed_chain: dict = {}
         self._grad_hooks: list = []
@@ -264,7 +265,6 @@ class GroupOffload:
         """Block i's backward is done: nothing before it in the backward needs its groups."""
         for g in self.owned[i]:
             g.offload_()
-        self.released += 1
 
     # the stream's prefetch chain (next_group pointers of diffusers' hooks)
     def _all_hooks(self) -> list:
@@ -356,7 +356,7 @@ def _require_accelerate() -> None:
         raise RuntimeError("ENABLE_GROUP_OFFLOAD needs the accelerate package, which this environment lacks") from None
 
 
-def apply(model: torch.nn.Module, adapter: torch.nn.Module, device: torch.device, plan: Plan,
+def apply(model: torch.nn.Module, adapter: torch.nn.Module, device: torch.device, policy: Policy,
           fingerprint: str) -> GroupOffload:
     """Offload `model`'s weights in groups, onloaded to `device` as each group runs. `adapter`: the LyCORIS
     network already applied to `model` (its parameters are not the model's: they stay on `device`)."""
@@ -365,20 +365,20 @@ def apply(model: torch.nn.Module, adapter: torch.nn.Module, device: torch.device
     _require_accelerate()
     from diffusers.hooks import apply_group_offloading
 
-    stream = plan.use_stream and device.type == "cuda"
-    if plan.use_stream and not stream:
+    stream = policy.use_stream and device.type == "cuda"
+    if policy.use_stream and not stream:
         log.warning("GROUP_OFFLOAD_USE_STREAM=true: streams need a CUDA GPU; on %s groups load without one",
                     device.type)
-    if stream and not plan.disk_root:  # from disk, diffusers pins each group as it reads it back
+    if stream and not policy.disk_root:  # from disk, diffusers pins each group as it reads it back
         pin_in_place(model)
-    folder = DiskFolder(Path(plan.disk_root), fingerprint) if plan.disk_root else None
+    folder = DiskFolder(Path(policy.disk_root), fingerprint) if policy.disk_root else None
     if folder and folder.swept:
         log.info("removed %d offload folder(s) left by runs that died: %s", len(folder.swept),
                  ", ".join(p.name for p in folder.swept))
     if folder:
         spill_without_resident_placeholders()
-    apply_group_offloading(model, onload_device=device, offload_device=torch.device("cpu"), offload_type=plan.kind,
-                           num_blocks_per_group=plan.blocks_per_group if plan.kind == "block_level" else None,
+    apply_group_offloading(model, onload_device=device, offload_device=torch.device("cpu"), offload_type=policy.kind,
+                           num_blocks_per_group=policy.blocks_per_group if policy.kind == "block_level" else None,
                            use_stream=stream, record_stream=stream,
                            offload_to_disk_path=str(folder.path) if folder else None)
     if folder:

@@ -11,10 +11,20 @@ from job.errors import ConfigError
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 
 
+def comfyui_file(repo: str) -> str:
+    """The ComfyUI copy's name, after the output repo (or OUTPUT_DIR's folder): ComfyUI lists LoRAs by file name,
+    where a second `pytorch_lora_weights` would say nothing."""
+    return f"{repo.rstrip('/').split('/')[-1] or 'adapter'}_comfyui.safetensors"
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no torn temporary file behind
+        raise
 
 
 def write_run_files(out: Path, lycoris_config: dict, training_config: dict) -> None:
@@ -38,7 +48,8 @@ COMPLETION = "completed.json"
 OPERATIONAL = {"output_dir", "hub_retries", "report_to", "tracker_project_name", "tracker_run_name", "webhook_url",
                "pod_action_on_success", "pod_action_on_failure", "hf_home", "hf_endpoint", "wandb_mode",
                "num_processes", "resume_from_checkpoint", "push_checkpoints_to_hub", "vae_batch_size", "profile",
-               "download_stall_timeout"}
+               "download_stall_timeout", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+               "rendezvous_timeout"}
 
 
 def result_settings(public: dict) -> dict:

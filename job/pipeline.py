@@ -14,14 +14,30 @@ from pathlib import Path
 
 import torch
 
-from job import builtin, card, checkpoint, cloud, data, disk, hub, memory, model, outputs, plots, sample, webhook
-from job.cache import TensorCache, component_identity
-from job.config import Settings, datasets
-from job.distributed import SINGLE, Context, Ranks, started
-from job.errors import ConfigError, DataError, Interrupted, JobError
+from job import (
+    builtin,
+    card,
+    checkpoint,
+    cloud,
+    comfyui,
+    data,
+    disk,
+    hub,
+    memory,
+    model,
+    outputs,
+    plots,
+    sample,
+    webhook,
+)
+from job.config import Settings, datasets, tokenizer_max_length
+from job.distributed import Context, Ranks, started
+from job.errors import ConfigError, DataError, Fault, Interrupted, JobError
+from job.faults import Injection, Scene, explain
 from job.log import MetricsSink, NullSink, StatusFile, Tracker, make_tracker, quiet_libraries
+from job.loss import eval_loss
 from job.signals import StopFlag
-from job.train import Trainer, eval_loss
+from job.train import Trainer
 
 log = logging.getLogger("job")
 
@@ -58,10 +74,13 @@ def demo_layers(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     return defaults, forced
 
 
-def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks | None = None) -> None:
+def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks | None = None, *,
+        debug: bool = False, test_fault: str = "") -> None:
     """`ranks`: this process's place among NUM_PROCESSES (for `check`, the layout a run would have; default: one
-    process). Every rank runs this; rank 0 alone talks to the Hub and writes the outputs."""
+    process). Every rank runs this; rank 0 alone talks to the Hub and writes the outputs. `debug` (DEBUG): a
+    failure's traceback on the terminal too; `test_fault` (JOB_TEST_FAULT): test-only, see faults.Injection."""
     ranks = ranks or Ranks()
+    injection = Injection.parse(test_fault)
     out = Path(settings.output.output_dir)
     record = outputs.finished_run(out, settings.public_dict()) if command != "check" else None
     if record:
@@ -72,10 +91,11 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
         return
     quiet_libraries()
     if command == "check":
-        preflight(settings, model.pick_device(), ranks.world)
+        preflight(settings, model.pick_device(), ranks.world, ranks.nodes)
         return
     with started(ranks, model.pick_device()) as ctx:
-        geo = ctx.main_only(lambda: preflight(settings, ctx.device, ctx.world))
+        shared_storage(settings, ctx)
+        geo = ctx.main_only(lambda: preflight(settings, ctx.device, ctx.world, ctx.nodes))
         if command == "demo":
             log.info("demo: tiny built-in AuraFlow, four toy pictures, LoKr over all Linear layers (not the seed's "
                      "Attention-only preset, which cannot move a model this small)")
@@ -84,32 +104,48 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
         status = StatusFile(out / "status.json" if ctx.is_main else None)
         notify = webhook.make(settings.output.webhook_url if ctx.is_main else "",
                               settings.output.hub_model_id or out.resolve().name)
+        scene = Scene(settings, geo, ctx.device, status, ctx.rank, debug, injection)
         try:
-            finish = train(settings, ctx, geo, status, notify)
-        except JobError as e:
-            if ctx.is_main:
-                failed(e, settings, creds, status, notify)
-            ctx.barrier()  # the others leave only once rank 0 has reported it (and uploaded the last checkpoint)
-            raise
+            finish = train(settings, ctx, geo, status, notify, scene)
+        except Exception as e:
+            error = failed(e, scene, creds, notify)
+            if not isinstance(error, Fault):
+                ctx.barrier()  # the others leave only once rank 0 has reported it (and uploaded the last checkpoint)
+            raise error from None
+        if ctx.nodes > 1:  # the other machines stay until rank 0 has published: one of their torchruns may host
+            ctx.main_only(lambda: publish_or_fail(finish, scene, creds, notify))  # the rendezvous it needs
     if not ctx.is_main:
         return
-    try:
-        finish()  # rank 0 alone: the others are done
-    except JobError as e:
-        failed(e, settings, creds, status, notify)
-        raise
+    if ctx.nodes == 1:
+        publish_or_fail(finish, scene, creds, notify)  # rank 0 alone: the others are done
     notify.close()
     pod_action(settings.cloud.pod_action_on_success, creds, out)
 
 
-def failed(e: JobError, settings: Settings, creds: cloud.Credentials, status: StatusFile, notify) -> None:
-    """Say so in status.json and the webhook, and stop the pod when asked to."""
-    status.update(phase="interrupted" if isinstance(e, Interrupted) else "failed", last_error=str(e))
-    notify.send("interrupted" if isinstance(e, Interrupted) else "failed", str(e).splitlines()[0],
-                exit_code=e.exit_code)
+def publish_or_fail(finish: Callable[[], None], scene: Scene, creds: cloud.Credentials, notify) -> None:
+    try:
+        finish()
+    except Exception as e:
+        raise failed(e, scene, creds, notify) from None
+
+
+def failed(e: Exception, scene: Scene, creds: cloud.Credentials, notify) -> JobError:
+    """The one place where any failure after preflight becomes its outcome: the failure kind with its exit code and
+    a one-line message (a fault's traceback in OUTPUT_DIR/logs/), then, from rank 0, status.json, the webhook event
+    and POD_ACTION_ON_FAILURE. Returns the error the job exits with."""
+    error = explain(e, scene)
+    if scene.rank != 0:
+        return error
+    interrupted = isinstance(error, Interrupted)
+    try:
+        scene.status.update(phase="interrupted" if interrupted else "failed", last_error=str(error))
+    except OSError as write_error:  # a full disk may refuse even this; the log line and the webhook still go out
+        log.warning("status.json not updated (%s)", write_error)
+    notify.send("interrupted" if interrupted else "failed", str(error).splitlines()[0], exit_code=error.exit_code)
     notify.close()
-    if not isinstance(e, Interrupted) and settings.cloud.pod_action_on_failure == "stop":
+    if not interrupted and scene.settings.cloud.pod_action_on_failure == "stop":
         cloud.act("stop", creds)  # a signal means the platform is stopping us already
+    return error
 
 
 def pod_action(action: str, creds: cloud.Credentials, out: Path) -> None:
@@ -118,18 +154,59 @@ def pod_action(action: str, creds: cloud.Credentials, out: Path) -> None:
         outputs.mark_pod_action_done(out)
 
 
-def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Geometry:
+def shared_storage(s: Settings, ctx: Context) -> None:
+    """Several machines: OUTPUT_DIR, and any cache folder set apart from it, must be one folder that every machine sees
+    at the same path. The caches every rank fills, the checkpoints and the outputs live there."""
+    if ctx.nodes == 1:
+        return
+    specs, text_dir, _, _ = datasets(s)
+    named = [("OUTPUT_DIR", s.output.output_dir)] + [
+        (f"DATA_BACKEND_CONFIG[{spec.id}].cache_dir_vae", spec.cache_dir_vae) for spec in specs if spec.cache_dir_vae
+    ] + ([("DATA_BACKEND_CONFIG text_embeds cache_dir", text_dir)] if text_dir else [])
+    unseen = ctx.unshared([Path(folder) for _, folder in named])
+    problems = [f"{name}={folder!r} is not shared by every machine: machine(s) {', '.join(map(str, machines))} "
+                "(MACHINE_RANK) do not see the file the main process wrote there. With NUM_MACHINES > 1 it must be one "
+                "folder on a filesystem that every machine mounts at the same path (a network volume): the caches, "
+                "checkpoints and outputs live there. HF_HOME may stay on each machine's own disk"
+                for (name, folder), machines in zip(named, unseen) if machines]
+    if problems:
+        raise ConfigError(problems)
+
+
+def on_every_machine(ctx: Context, pulled: hub.Pulled, pull: Callable[[str], hub.Pulled], what: str) -> hub.Pulled:
+    """What rank 0 pulled, on this machine too: each other machine's local rank 0 pulls the same commit into its own
+    HF_HOME, all at once (where HF_HOME is shared, it finds the files there and downloads nothing); a local folder
+    must be on every machine at the same path."""
+    if ctx.nodes == 1:
+        return pulled
+
+    def here() -> hub.Pulled:
+        if ctx.is_main:
+            return pulled
+        if pulled.commit is None:
+            if not Path(pulled.path).is_dir():
+                raise ConfigError([f"{what}={str(pulled.path)!r} is a folder on the main process's machine but not on "
+                                   f"machine {ctx.machine}: every machine needs it at the same path (or use a Hub repo)"])
+            return pulled
+        return pull(pulled.commit)
+
+    return ctx.per_machine(here)
+
+
+def preflight(s: Settings, device: torch.device, processes: int = 1, machines: int = 1) -> model.Grid:
     """Everything that can be refused before weights move: Hub access, device needs, the model's patch grid."""
     problems = model.device_problems(s, device)
     if problems:
         raise ConfigError(problems)
-    o, specs = s.output, datasets(s)[0]
+    output, specs = s.output, datasets(s)[0]
     hub.preflight(token=s.access.hf_token, model=(s.model_id, s.model.model_revision),
-                  datasets=[(spec.source, s.data.dataset_revision) for spec in specs],
-                  output_repo=o.hub_model_id if o.push_to_hub else None, attempts=o.hub_retries)
-    config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries)
-    geo = model.read_geometry(config_dir)
-    problems += model.geometry_problems(s, geo, [spec.resolution for spec in specs])
+                  datasets=[(spec.source, spec.revision) for spec in specs],
+                  output_repo=output.hub_model_id if output.push_to_hub else None, attempts=output.hub_retries)
+    config_dir = hub.model_configs(s.model_id, s.model.model_revision, s.access.hf_token, output.hub_retries)
+    geo = model.read_grid(config_dir)
+    problems += model.resolution_problems(s, geo, [spec.resolution for spec in specs])
+    problems += model.text_length_problems(s, config_dir)
+    problems += dataset_problems(s, specs)
     adapter_problems, adapter_params, size = model.adapter_check(config_dir, s.adapter.lycoris_config)
     problems += adapter_problems
     if not problems:
@@ -139,24 +216,25 @@ def preflight(s: Settings, device: torch.device, processes: int = 1) -> model.Ge
             log.warning("%s", warning)
     if problems:
         raise ConfigError(problems)
-    t = s.training
-    log.info("plan: %s → LoKr (%s), %s × batch %d × accumulation %d × %d process%s = effective batch %d on %s, %s, "
+    training = s.training
+    log.info("plan: %s → LoKr (%s), %s × batch %d × accumulation %d × %d process%s%s = effective batch %d on %s, %s, "
              "base %s; output %s%s", s.model_id, s.adapter.lycoris_config.get("algo"),
-             f"{t.max_train_steps} steps" if t.max_train_steps else f"{t.num_train_epochs} epochs", t.train_batch_size,
-             t.gradient_accumulation_steps, processes, "es" if processes > 1 else "",
-             t.train_batch_size * t.gradient_accumulation_steps * processes, device.type, t.mixed_precision,
-             t.base_model_precision, s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
-    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs), processes)
+             f"{training.max_train_steps} steps" if training.max_train_steps else f"{training.num_train_epochs} epochs", training.train_batch_size,
+             training.gradient_accumulation_steps, processes, "es" if processes > 1 else "",
+             f" on {machines} machines" if machines > 1 else "",
+             training.train_batch_size * training.gradient_accumulation_steps * processes, device.type, training.mixed_precision,
+             training.base_model_precision, s.output.output_dir, f", push to {s.output.hub_model_id}" if s.output.push_to_hub else "")
+    report_memory(s, device, size, adapter_params, max(spec.resolution for spec in specs), processes // machines)
     return geo
 
 
 def report_memory(s: Settings, device: torch.device, size, adapter_params: int, resolution: int,
                   processes: int = 1) -> None:
     """The predicted peak accelerator memory and host RAM, with a warning where they exceed what this machine has."""
-    m = s.memory
+    mem = s.memory
     est = model.memory_estimate(s, size, adapter_params, resolution, device)
-    offload = (f"group offload {m.group_offload_type}" + (", stream" if model.use_stream(s, device) else "")
-               if m.enable_group_offload else "model CPU offload" if m.enable_model_cpu_offload else "no offload")
+    offload = (f"group offload {mem.group_offload_type}" + (", stream" if model.use_stream(s, device) else "")
+               if mem.enable_group_offload else "model CPU offload" if mem.enable_model_cpu_offload else "no offload")
     log.info("memory: %s at %d px, batch %d, %s", est.describe(), resolution, s.training.train_batch_size, offload)
     if device.type == "cuda":
         total = torch.cuda.mem_get_info()[1]
@@ -177,35 +255,50 @@ def report_memory(s: Settings, device: torch.device, size, adapter_params: int, 
                     "training" if host.train > host.load else "loading the transformer", remedy)
 
 
-def train(s: Settings, ctx: Context, geo: model.Geometry, status: StatusFile, notify) -> Callable[[], None]:
+def train(s: Settings, ctx: Context, grid: model.Grid, status: StatusFile, notify,
+          scene: Scene | None = None) -> Callable[[], None]:
     """Every rank: pull (rank 0 alone), cache (each rank its share), train. Returns what rank 0 does next, alone:
-    publishing the results."""
+    publishing the results. `scene` learns the model folder and the trainer, for a failure's message."""
+    scene = scene or Scene(s, grid, ctx.device, status, ctx.rank)
     out = Path(s.output.output_dir)
-    device = ctx.device
+    device, training, output = ctx.device, s.training, s.output
     stop = StopFlag().install()
-    t = s.training
-    o = s.output
     status.update(phase="download")
-    pulled = ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision, s.access.hf_token, o.hub_retries))
-    model_dir = pulled.path
 
-    # data: every dataset discovered, latents and text embeddings cached (encoders freed after)
-    samples, cache_dirs, text_dir, sources = gather_samples(s, geo, out, ctx)
+    # data: every dataset pulled and discovered (before the model, so a dataset that does not fit the settings stops
+    # the run before gigabytes of weights move), latents and text embeddings cached (encoders freed after)
+    specs, text_dir, _, warnings = datasets(s)
+    for warning in warnings if ctx.is_main else []:
+        log.warning("%s", warning)
+    copies = [on_every_machine(
+        ctx, ctx.main_only(lambda spec=spec: pull_dataset(s, spec)),
+        lambda commit, spec=spec: pull_dataset(s, spec, commit),
+        f"DATA_BACKEND_CONFIG[{spec.id}].instance_data_dir" if s.data.data_backend_config else "DATASET_ID")
+        for spec in specs]
+    sources = [(spec.source, copy.commit) for spec, copy in zip(specs, copies)]
+    samples, cache_dirs = data.discover_all(specs, [copy.path for copy in copies], grid, out)
+    pulled = on_every_machine(ctx, ctx.main_only(lambda: hub.pull_model(s.model_id, s.model.model_revision,
+                                                                        s.access.hf_token, output.hub_retries)),
+                              lambda commit: hub.pull_model(s.model_id, commit, s.access.hf_token, output.hub_retries),
+                              "MODEL_ID")
+    model_dir = scene.model_dir = pulled.path
     status.update(phase="caching")
     t0 = time.monotonic()
-    samples, latents_of = cache_latents(model_dir, samples, cache_dirs, s.data.vae_batch_size, device, ctx)
-    plan = data.make_plan(samples, t.train_batch_size, t.seed, ctx.world)
+    samples, latents_of = data.encode_images(model_dir, samples, cache_dirs, s.data.vae_batch_size, device, ctx)
+    masks_of = data.encode_masks(samples, latents_of, grid.vae_scale_factor, ctx)
+    plan = data.make_plan(samples, training.train_batch_size, training.seed, ctx.world)
     fallback = samples[0].captions[0]  # validation prompt when none is configured
-    text_cache, text_keys = cache_text(model_dir, samples, sample.prompts_to_cache(s, fallback), text_dir, device,
-                                       ctx)
+    captions = [c for smp in samples for c in smp.captions] + [""] + sample.prompts_to_cache(s, fallback)
+    text_cache, text_keys = data.encode_captions(model_dir, captions, Path(text_dir) if text_dir else out / "cache" / "text",
+                                                 device, ctx, max_length=tokenizer_max_length(s))
+    cached = data.Cached(samples, latents_of, text_cache, text_keys, masks_of)
     log.info("caching done in %.1fs", time.monotonic() - t0)
-    fetch = data.batch_fetcher(plan, latents_of, text_cache, text_keys, s.data.caption_dropout_probability,
-                               ctx.rows(t.train_batch_size))
 
     # model: frozen base + LoKr (seeded, so a fresh run's adapter init is reproducible)
-    total = t.max_train_steps or t.num_train_epochs * max(1, plan.batches_per_epoch // t.gradient_accumulation_steps)
+    total = training.max_train_steps or training.num_train_epochs * max(
+        1, plan.batches_per_epoch // training.gradient_accumulation_steps)
     transformer = model.load_transformer(model_dir, s, device)  # each rank its own, on its own GPU
-    torch.manual_seed(t.seed)
+    torch.manual_seed(training.seed)
     network = model.create_adapter(transformer, s.adapter.lycoris_config, model.train_dtype(s), device)
     ctx.broadcast_params(list(network.parameters()))
     log.info("adapter: %d LyCORIS modules, %d trainable parameters", len(network.loras),
@@ -214,33 +307,36 @@ def train(s: Settings, ctx: Context, geo: model.Geometry, status: StatusFile, no
     offloaded = model.offload_transformer(transformer, network, s, device, model_dir) if s.memory.enable_group_offload \
         else None
 
-    uploader = (hub.CheckpointUploader(o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
-                                       limit=s.checkpoints.checkpoints_total_limit, attempts=o.hub_retries)
-                if o.push_checkpoints_to_hub and ctx.is_main else None)
-    trainer = Trainer(transformer, network, fetch, t, total, geo.patch_size, device, model.train_dtype(s),
-                      out / "checkpoints", s.checkpoints.checkpoint_step_interval,
-                      s.checkpoints.checkpoints_total_limit, should_stop=stop, status=status,
-                      on_checkpoint=lambda path: checkpointed(path, uploader, notify), dist=ctx)
-    resume = ctx.main_only(lambda: readable(resume_point(s, out / "checkpoints")))  # rank 0 sets damaged ones aside
-    if resume:
-        trainer.resume(resume)
+    # side concerns, each rank-0's: checkpoint uploads, validation rounds, trackers, metrics (see Context.hook)
+    uploader = (hub.CheckpointUploader(output.hub_model_id, token=s.access.hf_token, private=output.hub_private,
+                                       limit=s.checkpoints.checkpoints_total_limit, attempts=output.hub_retries)
+                if output.push_checkpoints_to_hub and ctx.is_main else None)
+    resume = ctx.main_only(lambda: checkpoint.choose(s.checkpoints.resume_from_checkpoint, out / "checkpoints",
+                                                     remote_checkpoints(s, out / "checkpoints")))
     validator, tracker = None, Tracker()
-    if ctx.is_main:  # validation rounds and trackers: rank 0's, while the others wait (see Context.hook)
+    if ctx.is_main:
         validator = sample.Validator(s, out, transformer, model.load_vae(model_dir, device),
-                                     model.load_scheduler(model_dir), lambda prompt: text_cache.get(text_keys[prompt]),
-                                     device, fallback,
+                                     model.load_scheduler(model_dir), cached.embeds, device, fallback,
                                      park_vae=s.memory.offload_during_startup or s.memory.enable_model_cpu_offload,
                                      park_transformer=s.memory.enable_model_cpu_offload)
-        tracker = make_tracker(o.report_to, out, s.public_dict(), o.tracker_project_name,
-                               o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
+        tracker = make_tracker(output.report_to, out, s.public_dict(), output.tracker_project_name,
+                               output.tracker_run_name or Path(output.hub_model_id or out.resolve()).name)
     rounds = s.validation.validation_step_interval if sample.validation_jobs(s, fallback) else 0
-    trainer.hooks = [
-        ctx.hook(every(s.validation.eval_steps_interval),
-                 evaluator(s, trainer, samples, latents_of, text_cache, text_keys) if ctx.is_main else None),
-        ctx.hook(every(rounds), lambda step: validate(trainer, validator, step, notify, tracker)),
-    ]
-    trainer.metrics = (MetricsSink(out / "metrics.jsonl", resume_step=trainer.step, tracker=tracker) if ctx.is_main
-                       else NullSink())
+    eval_batches = (cached.eval_batches(s.validation.num_eval_images)
+                    if ctx.is_main and s.validation.eval_steps_interval else [])
+    trainer = Trainer(
+        transformer=transformer, network=network, t=training, total_steps=total, patch_size=grid.patch_size,
+        device=device, dtype=model.train_dtype(s), dist=ctx,
+        fetch=cached.fetcher(plan, s.data.caption_dropout_probability, ctx.rows(training.train_batch_size)),
+        checkpoint_dir=out / "checkpoints", checkpoint_interval=s.checkpoints.checkpoint_step_interval,
+        checkpoints_total_limit=s.checkpoints.checkpoints_total_limit, resume_from=resume,
+        hooks=[ctx.hook(every(s.validation.eval_steps_interval), lambda tr: eval_metrics(tr, eval_batches)),
+               ctx.hook(every(rounds), lambda tr: validate(tr, validator, tr.step, notify, tracker))],
+        metrics=(MetricsSink(out / "metrics.jsonl", resume_step=resume.step if resume else 0, tracker=tracker)
+                 if ctx.is_main else NullSink()),
+        should_stop=stop, status=status, on_checkpoint=lambda path: checkpointed(path, uploader, notify),
+        fault=scene.injection)
+    scene.trainer = trainer
     status.update(phase="training", step=trainer.step, total_steps=total)
     notify.send("started", f"training {s.model_id} on {', '.join(ref for ref, _ in sources)}: "
                            f"{len(samples)} images, steps {trainer.step}→{total}", step=trainer.step, total_steps=total)
@@ -253,32 +349,37 @@ def train(s: Settings, ctx: Context, geo: model.Geometry, status: StatusFile, no
         trainer.metrics.close()
         if uploader:
             uploader.wait(timeout=UPLOAD_GRACE_S)  # a stopped pod gets its last checkpoint onto the Hub
-    return functools.partial(publish, s, trainer, validator, pulled, sources, total, status, notify, offloaded)
+    regularisation = tuple(spec.source for spec in specs if spec.regularisation)
+    return functools.partial(publish, s, trainer, validator, pulled, sources, total, status, notify, offloaded,
+                             regularisation)
 
 
 def publish(s: Settings, trainer: Trainer, validator: sample.Validator, pulled: hub.Pulled, sources, total: int,
-            status: StatusFile, notify, offloaded=None) -> None:
+            status: StatusFile, notify, offloaded=None, regularisation: tuple[str, ...] = ()) -> None:
     """The adapter (EMA weights when on), final samples, loss plot, resolved settings, model card, push, and last
     the completion record."""
-    out, o = Path(s.output.output_dir), s.output
+    out, output = Path(s.output.output_dir), s.output
     status.update(phase="sampling")
     with trainer.final_weights():
         model.save_adapter(trainer.network, out / outputs.ADAPTER_FILE, s.adapter.lycoris_config)
         final_images = validator.render(trainer.step, final=True)
+    comfyui.write(out / outputs.ADAPTER_FILE, out / outputs.comfyui_file(output.hub_model_id or out.name),
+                  trainer.transformer, enabled=output.export_comfyui)
     plots.plot_losses(outputs.loss_series(out / "metrics.jsonl"), out / "loss.png",
-                      title=o.tracker_run_name or Path(o.hub_model_id or out.resolve()).name)
-    resolved = {"resolved_total_steps": total, "model_commit": pulled.commit,
+                      title=output.tracker_run_name or Path(output.hub_model_id or out.resolve()).name)
+    resolved = {"resolved_total_steps": total, "resolved_tokenizer_max_length": tokenizer_max_length(s),
+                "model_commit": pulled.commit,
                 "dataset_commits": {ref: commit for ref, commit in sources}}
     outputs.write_run_files(out, s.adapter.lycoris_config, {**s.public_dict(), **resolved})
-    card.write(out / "README.md", card.render(s, repo=o.hub_model_id or out.name, model_commit=pulled.commit,
-                                              datasets=sources, steps_done=trainer.step,
+    card.write(out / "README.md", card.render(s, repo=output.hub_model_id or out.name, model_commit=pulled.commit,
+                                              datasets=sources, steps_done=trainer.step, regularisation=regularisation,
                                               samples=[(f"samples/{p.name}", prompt) for p, prompt in validator.finals()]))
     log.info("done: %s", out / outputs.ADAPTER_FILE)
     pushed = None
-    if o.push_to_hub:
+    if output.push_to_hub:
         status.update(phase="push")
-        pushed = hub.push(out, o.hub_model_id, token=s.access.hf_token, private=o.hub_private,
-                          attempts=o.hub_retries)
+        pushed = hub.push(out, output.hub_model_id, token=s.access.hf_token, private=output.hub_private,
+                          attempts=output.hub_retries)
     if offloaded:
         offloaded.close()
     # last: a restart with these settings exits at once
@@ -292,34 +393,68 @@ def every(n: int) -> Callable[[int], bool]:
     return lambda step: n > 0 and step % n == 0
 
 
-def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]:
-    """What this run will write where: model and dataset downloads, caches, checkpoints, samples."""
-    o, r = s.output, s.output.hub_retries
-    hf, out = hub.cache_folder(), Path(o.output_dir)
-    needs = []
-    if not hub.local_folder(s.model_id):
-        pending, _ = hub.pending_download(s.model_id, s.model.model_revision, s.access.hf_token, "model",
-                                          hub.MODEL_FILES, r)
-        needs.append(disk.Need(hf, "model download", pending))
-    for spec in specs:
-        if folder := hub.local_folder(spec.source):
-            images = sum(1 for p in folder.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
-        else:
-            pending, files = hub.pending_download(spec.source, s.data.dataset_revision, s.access.hf_token, "dataset",
-                                                  None, r)
-            needs.append(disk.Need(hf, f"dataset {spec.source}", pending))
-            images = sum(1 for f in files if Path(f).suffix.lower() in data.IMAGE_SUFFIXES)
-        cache = Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"
-        needs.append(disk.Need(cache, "latent cache", disk.latent_bytes(spec.resolution, images)))
-        needs.append(disk.Need(out / "cache" / "text", "text-embedding cache", disk.text_bytes(images + 32)))
-    if s.memory.enable_group_offload and s.memory.group_offload_to_disk_path:
-        from job.memory import weight_bytes
+def dataset_files(s: Settings, spec) -> tuple[Path | None, dict[str, int]]:
+    """(the local folder or None, {file: size}) of a dataset: listed on disk, or asked of the Hub."""
+    if folder := hub.local_folder(spec.source):
+        return folder, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    return None, hub.pending_download(spec.source, spec.revision, s.access.hf_token, "dataset", None,
+                                      s.output.hub_retries)[1]
 
-        needs.append(disk.Need(Path(s.memory.group_offload_to_disk_path), "group offload files",
-                               int(weight_bytes(size, s.training.base_model_precision, s.training.mixed_precision))))
-    needs.append(disk.Need(out, "checkpoints", disk.checkpoint_bytes(adapter_params,
-                                                                    s.checkpoints.checkpoints_total_limit)))
-    return needs
+
+def dataset_problems(s: Settings, specs) -> list[str]:
+    """What the datasets' file names already refuse: a DATASET_SPLIT (or an entry's split) that names no shards."""
+    problems = []
+    for spec in specs:
+        _, files = dataset_files(s, spec)
+        if problem := data.split_problem(list(files), spec.split, spec.source):
+            problems.append(problem)
+    return problems
+
+
+def pull_dataset(s: Settings, spec, revision: str | None = None) -> hub.Pulled:
+    """A Hub dataset with only what its layout needs (a parquet dataset's split), at `revision` (default: the
+    dataset's setting); a local folder as it is."""
+    allow = None
+    if not hub.local_folder(spec.source):
+        _, files = dataset_files(s, spec)
+        if problem := data.split_problem(list(files), spec.split, spec.source):
+            raise DataError(problem)
+        allow = data.pull_patterns(list(files), spec.split)
+    return hub.pull_dataset(spec.source, revision or spec.revision, s.access.hf_token, s.output.hub_retries,
+                            allow=allow)
+
+
+def disk_needs(s: Settings, specs, adapter_params: int, size) -> list[disk.Need]:
+    """The facts disk.run_needs sums: what is still to download (asked of the Hub), how many images (counted, or
+    for a Hub dataset of parquet shards or archives estimated from their size), what archives extract to."""
+    retries = s.output.hub_retries
+    model_download = None
+    if not hub.local_folder(s.model_id):
+        model_download, _ = hub.pending_download(s.model_id, s.model.model_revision, s.access.hf_token, "model",
+                                                 hub.MODEL_FILES, retries)
+    plans = []
+    for spec in specs:
+        download = None
+        folder, files = dataset_files(s, spec)
+        if folder is None:
+            download, files = hub.pending_download(spec.source, spec.revision, s.access.hf_token, "dataset",
+                                                   data.pull_patterns(list(files), spec.split), retries)
+        found = data.footprint(files, spec.split, folder)
+        if found.estimated:
+            log.info("disk: dataset %s: about %d image(s), estimated from the size of its files (counted once they "
+                     "are downloaded)", spec.source, found.images)
+        latent_cache = Path(spec.cache_dir_vae) if spec.cache_dir_vae else Path(s.output.output_dir) / "cache" / "vae"
+        plans.append(disk.DatasetPlan(spec.source, download, found.images, spec.resolution, latent_cache,
+                                      found.unpacked))
+    mem = s.memory
+    offload_folder = Path(mem.group_offload_to_disk_path) if mem.enable_group_offload and mem.group_offload_to_disk_path \
+        else None
+    return disk.run_needs(hf_home=hub.cache_folder(), out=Path(s.output.output_dir), model_download=model_download,
+                          datasets=plans, offload_folder=offload_folder,
+                          offload_bytes=int(memory.weight_bytes(size, s.training.base_model_precision,
+                                                                s.training.mixed_precision)) if offload_folder else 0,
+                          adapter_params=adapter_params, keep_checkpoints=s.checkpoints.checkpoints_total_limit,
+                          text_tokens=tokenizer_max_length(s))
 
 
 def validate(trainer: Trainer, validator: sample.Validator, step: int, notify, tracker) -> None:
@@ -336,106 +471,14 @@ def checkpointed(path: Path, uploader, notify) -> None:
     notify.send("checkpoint", f"{path.name} saved", step=checkpoint.step_of(path), path=str(path))
 
 
-def evaluator(s: Settings, trainer: Trainer, samples, latents_of, text_cache, text_keys) -> Callable[[int], dict]:
+def eval_metrics(trainer: Trainer, batches: list) -> dict:
     """The stable eval loss on the first NUM_EVAL_IMAGES training images (every EVAL_STEPS_INTERVAL steps)."""
-    if not s.validation.eval_steps_interval:
-        return lambda step: {}
-    batches = [(latents_of[i][0].get(latents_of[i][1]).unsqueeze(0),
-                text_cache.get(text_keys[samples[i].captions[0]]).unsqueeze(0))
-               for i in range(min(s.validation.num_eval_images, len(samples)))]
-    return lambda step: {"eval_loss": eval_loss(trainer.transformer, batches, trainer.device, trainer.dtype)}
+    return {"eval_loss": eval_loss(trainer.transformer, batches, trainer.device, trainer.dtype)} if batches else {}
 
 
-def gather_samples(s: Settings, geo: model.Geometry, out: Path, ctx: Context = SINGLE):
-    """Every dataset pulled (by rank 0) and discovered with its own geometry: (samples, each one's latent cache
-    folder, the text-embedding cache folder, (source, commit) of each dataset)."""
-    specs, text_dir, _, warnings = datasets(s)
-    for w in warnings if ctx.is_main else []:
-        log.warning("%s", w)
-    samples, cache_dirs, sources = [], [], []
-    for spec in specs:
-        pulled = ctx.main_only(lambda spec=spec: hub.pull_dataset(spec.source, s.data.dataset_revision,
-                                                                  s.access.hf_token, s.output.hub_retries))
-        folder = pulled.path
-        sources.append((spec.source, pulled.commit))
-        g = data.Geometry(spec.resolution, spec.resolution_type, spec.crop, spec.crop_style, spec.crop_aspect,
-                          geo.pixel_step, int(geo.pos_embed_max_size ** 0.5) * geo.pixel_step)
-        found = data.discover(folder, spec.caption_strategy, spec.instance_prompt, g, repeats=spec.repeats,
-                              minimum_image_size=spec.minimum_image_size)
-        samples += found
-        cache_dirs += [Path(spec.cache_dir_vae) if spec.cache_dir_vae else out / "cache" / "vae"] * len(found)
-    return samples, cache_dirs, Path(text_dir) if text_dir else out / "cache" / "text", sources
-
-
-def cache_latents(model_dir: Path, samples, cache_dirs: list[Path], batch_size: int, device: torch.device,
-                  ctx: Context = SINGLE):
-    """(the samples whose images decoded, their index → (cache, key)). The VAE lives only inside this call:
-    loaded once, used for what the caches lack, freed on return. Each rank encodes its share."""
-    vae = model.load_vae(model_dir, device)
-    identity = component_identity(model_dir, "vae")
-    latents_of = {}
-    for folder in dict.fromkeys(cache_dirs):
-        idx = [i for i, d in enumerate(cache_dirs) if d == folder]
-        cache = TensorCache(folder, identity)
-        keys = data.cache_latents([samples[i] for i in idx], cache, functools.partial(model.encode_latents, vae),
-                                  batch_size, mine=ctx.share)
-        latents_of.update({idx[j]: (cache, key) for j, key in keys.items()})
-    del vae
-    model.release(device)
-    if ctx.world > 1:
-        ctx.barrier()  # every share is encoded; what is still missing could not be decoded by its rank
-        latents_of = {i: (cache, key) for i, (cache, key) in latents_of.items() if cache.has(key)}
-    kept = sorted(latents_of)
-    if not kept:
-        raise DataError("no image could be decoded in any dataset")
-    return [samples[i] for i in kept], {n: latents_of[i] for n, i in enumerate(kept)}
-
-
-def cache_text(model_dir: Path, samples, extra: list[str], folder: Path, device: torch.device,
-               ctx: Context = SINGLE):
-    """Likewise the text encoder: training captions, the empty prompt (caption dropout) and the validation
-    prompts, so sampling never needs the encoder again."""
-    text_pipe = model.load_text_encoder(model_dir, device)
-    cache = TensorCache(folder, f"{component_identity(model_dir, 'text_encoder')}-{model.MAX_SEQUENCE_LENGTH}")
-    captions = [c for smp in samples for c in smp.captions] + [""] + extra
-    keys = data.cache_text(captions, cache, functools.partial(encode_text, text_pipe, device),
-                           mine=ctx.share)
-    del text_pipe
-    model.release(device)
-    ctx.barrier()  # every rank's share is written
-    return cache, keys
-
-
-def encode_text(text_pipe, device: torch.device, captions: list[str]) -> torch.Tensor:
-    return model.encode_prompts(text_pipe, captions, device).cpu()
-
-
-def readable(path: Path | None) -> Path | None:
-    """`path`, or when its files cannot be read (a disk fault, a crash in an older version), set aside and the one
-    before it tried. One that reads but does not fit the model is an error, not damage (Trainer.resume)."""
-    while path is not None:
-        try:
-            checkpoint.load(path)
-            return path
-        except Exception as e:  # torch/safetensors raise many kinds for a damaged file
-            aside = path.with_name(path.name + ".unreadable")
-            path.replace(aside)
-            log.warning("checkpoint %s cannot be read (%s); set aside as %s", path.name, type(e).__name__, aside.name)
-            path = checkpoint.latest(path.parent)
-    return None
-
-
-def resume_point(s: Settings, ckpt_dir: Path) -> Path | None:
-    rc, o = s.checkpoints.resume_from_checkpoint, s.output
-    if rc == "none":
+def remote_checkpoints(s: Settings, folder: Path) -> Callable[[], Path | None] | None:
+    """Where RESUME_FROM_CHECKPOINT=latest looks when `folder` has none: the Hub, when checkpoints are pushed."""
+    output = s.output
+    if not (output.push_checkpoints_to_hub and output.hub_model_id):
         return None
-    if rc == "latest":
-        local = checkpoint.latest(ckpt_dir)
-        if local or not (o.push_checkpoints_to_hub and o.hub_model_id):
-            return local
-        return hub.fetch_latest_checkpoint(o.hub_model_id, ckpt_dir, token=s.access.hf_token,
-                                           attempts=o.hub_retries)  # a fresh pod after preemption
-    path = ckpt_dir / rc if (ckpt_dir / rc).is_dir() else Path(rc)
-    if not path.is_dir():
-        raise ConfigError([f"RESUME_FROM_CHECKPOINT={rc!r}: no such checkpoint"])
-    return path
+    return lambda: hub.fetch_latest_checkpoint(output.hub_model_id, folder, token=s.access.hf_token, attempts=output.hub_retries)

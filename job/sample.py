@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from job import plots
-from job.config import Settings
+from job.config import Settings, tokenizer_max_length
 
 log = logging.getLogger("job")
 SAMPLES = "samples"
@@ -70,10 +70,6 @@ class Validator:
             vae.to("cpu")
         self.rendered = -1  # the step of the last round rendered by this process
 
-    def due(self, step: int) -> bool:
-        n = self.v.validation_step_interval
-        return bool(self.jobs) and n > 0 and step % n == 0
-
     def _embeds(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.embed_of(prompt).unsqueeze(0).to(self.device)
         return e, (e != 0).any(-1).long()  # the pipeline zeroes padded positions; the mask is recovered from that
@@ -100,6 +96,7 @@ class Validator:
                     negative_prompt_attention_mask=neg_mask, width=job.size[0], height=job.size[1],
                     num_inference_steps=self.v.validation_num_inference_steps,
                     guidance_scale=self.v.validation_guidance, output_type="latent",
+                    max_sequence_length=tokenizer_max_length(self.s),  # the cached embeddings' length already
                     generator=torch.Generator("cpu").manual_seed(self.v.validation_seed)).images)
             for job, image in zip(self.jobs, self.decode(latents)):
                 image.save(tmp / f"{job.name}.png")

@@ -1,4 +1,4 @@
-"""The training loop, its optimizer and schedule, and the flow-matching loss step.
+"""The training loop, its optimizer and schedule, EMA and checkpoints (the loss itself is `job/loss.py`).
 
 Reads neither the environment nor the Hub. Every random draw of a micro-batch (caption dropout,
 sigmas, noise) comes from a generator seeded by (SEED, micro-batch index), so a resumed run
@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from job import checkpoint, distributed, flow
+from job import checkpoint, distributed
 from job.config import TrainingSettings
 from job.errors import ConfigError, DivergedError, Interrupted
-from job.log import MetricsSink, Progress, StatusFile
+from job.log import MetricsSink, NullSink, Progress, StatusFile
+from job.loss import Batch, train_loss
 
 log = logging.getLogger("job")
 
@@ -111,71 +111,40 @@ def micro_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
-# ---------------------------------------------------------------- the loss step
-
-def flow_loss(transformer, x0: torch.Tensor, embeds: torch.Tensor, g: torch.Generator, t: TrainingSettings,
-              patch_size: int, device: torch.device, dtype: torch.dtype, share: tuple[int, int] = (0, 1)
-              ) -> torch.Tensor:
-    """`share`: (rank, processes). x0 is this rank's rows of the global micro-batch; the sigmas and noise are
-    drawn for the whole of it and sliced, so every row gets what it would get in one process."""
-    rank, processes = share
-    n, rows = x0.shape[0], slice(rank * x0.shape[0], (rank + 1) * x0.shape[0])
-    s = flow.sample_sigmas(n * processes, g, uniform=t.flow_use_uniform_schedule)[rows]
-    seq_len = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
-    s = flow.shift_sigmas(s, flow.auto_shift(seq_len) if t.flow_schedule_auto_shift else t.flow_schedule_shift)
-    noise = torch.randn((n * processes, *x0.shape[1:]), generator=g)[rows]
-    pred = transformer(hidden_states=flow.noised(x0, noise, s).to(device, dtype),
-                       encoder_hidden_states=embeds.to(device, dtype),
-                       timestep=flow.model_timestep(s).to(device, dtype), return_dict=False)[0]
-    return F.mse_loss(pred.float(), flow.velocity_target(x0, noise).to(device).float())
-
-
-EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
-
-
-@torch.no_grad()
-def eval_loss(transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-              dtype: torch.dtype, seed: int = 0) -> float:
-    """The same latents at the same sigmas with the same noise every time: a curve comparable across steps
-    (the training loss jumps with each step's random sigma)."""
-    total, n = 0.0, 0
-    for b, (x0, embeds) in enumerate(batches):
-        g = torch.Generator().manual_seed(seed + b)
-        for s_val in EVAL_SIGMAS:
-            s = torch.full((x0.shape[0],), s_val)
-            noise = torch.randn(x0.shape, generator=g)
-            pred = transformer(hidden_states=flow.noised(x0, noise, s).to(device, dtype),
-                               encoder_hidden_states=embeds.to(device, dtype),
-                               timestep=flow.model_timestep(s).to(device, dtype), return_dict=False)[0]
-            total += F.mse_loss(pred.float(), flow.velocity_target(x0, noise).to(device).float()).item()
-            n += 1
-    return total / n
-
-
 # ---------------------------------------------------------------- the loop
 
-@dataclass
+Hook = Callable[["Trainer"], "dict | None"]  # after each step: eval loss, validation (see pipeline)
+
+
+@dataclass(kw_only=True)
 class Trainer:
     transformer: torch.nn.Module
     network: torch.nn.Module  # the LyCORIS wrapper; its parameters are the only trainable ones
-    fetch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # micro index → latents, embeds
+    fetch: Callable[[int, torch.Generator], Batch]  # micro-batch index → its batch
     t: TrainingSettings
     total_steps: int
     patch_size: int
     device: torch.device
     dtype: torch.dtype
     checkpoint_dir: Path
-    checkpoint_interval: int
-    checkpoints_total_limit: int
+    checkpoint_interval: int = 0
+    checkpoints_total_limit: int = 0
+    resume_from: checkpoint.Loaded | None = None
+    hooks: list[Hook] = field(default_factory=list)
+    metrics: MetricsSink | NullSink = field(default_factory=NullSink)  # opened at the resume step
     should_stop: Callable[[], int | None] = lambda: None  # the signal number once a stop is requested
     on_checkpoint: Callable[[Path], None] = lambda path: None
-    hooks: list[Callable[[int], dict | None]] = field(default_factory=list)  # after each step: eval, validation
-    step: int = 0
-    skipped: int = 0  # non-finite steps skipped so far
-    metrics: MetricsSink | None = None  # set once the resume point is known (the sink trims past it)
     status: StatusFile = field(default_factory=lambda: StatusFile(None))
     dist: distributed.Context = distributed.SINGLE  # with several processes: this one's rank and the collectives
-    params: list = field(init=False)
+    # test-only (JOB_TEST_FAULT, see faults.Injection): called as fault("step", n) before step n and
+    # fault("checkpoint", n, folder) inside the write of checkpoint n; raises the fault a test asks for
+    fault: Callable[..., None] | None = None
+    step: int = field(init=False, default=0)
+    skipped: int = field(init=False, default=0)  # non-finite steps skipped so far
+    # where the loop is, for a failure's message: "step" (forward, backward, update), "hooks" (eval loss,
+    # validation), "checkpoint"; and the latents' shape of the last micro-batch fetched (batch, channels, h, w)
+    stage: str = field(init=False, default="")
+    batch_shape: tuple[int, ...] | None = field(init=False, default=None)
 
     def __post_init__(self):
         named = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
@@ -183,6 +152,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, self.t)
         self.scheduler = make_scheduler(self.optimizer, self.t, self.total_steps)
         self.ema = EMA(named, self.t.ema_decay) if self.t.use_ema else None
+        if self.resume_from:
+            self._resume(self.resume_from)
 
     def run(self) -> None:
         t, accum = self.t, self.t.gradient_accumulation_steps
@@ -191,26 +162,20 @@ class Trainer:
             while self.step < self.total_steps:
                 self.train_step(t, accum, progress, t0)
                 prof.step()
+        self.stage = ""
 
     def train_step(self, t: TrainingSettings, accum: int, progress: Progress, t0: float) -> None:
         """One optimizer step: accumulate micro-batches, clip, update, log, checkpoint, honour a stop request."""
-        losses = []
-        for micro in range(accum):
-            index = self.step * accum + micro
-            g = micro_generator(t.seed, index)
-            latents, embeds = self.fetch(index, g)
-            loss = flow_loss(self.transformer, latents, embeds, g, t, self.patch_size, self.device, self.dtype,
-                             share=(self.dist.rank, self.dist.world))
-            (loss / accum).backward()
-            losses.append(loss.item())
-        # the ranks' gradients and losses averaged (once per step, after accumulation): every rank then clips,
-        # steps and decides about non-finite values alike, and the adapters stay identical
-        loss = self.dist.average_gradients(self.params, sum(losses) / accum)
+        self.stage = "step"
+        if self.fault:
+            self.fault("step", self.step + 1)
+        loss, extra = self.accumulate(t, accum)
         grad_norm = self.clip()
         finite = self.apply(loss, grad_norm)
         self.step += 1
         lr = self.scheduler.get_last_lr()[0]
-        extra = {k: v for hook in self.hooks for k, v in (hook(self.step) or {}).items()}
+        self.stage = "hooks"
+        extra |= {k: v for hook in self.hooks for k, v in (hook(self) or {}).items()}
         self.metrics.write(step=self.step, loss=loss if finite else None, lr=lr,
                            grad_norm=grad_norm if finite else None, elapsed_s=round(time.monotonic() - t0, 3),
                            it_per_s=round(progress.rate(self.step), 4), time=round(time.time(), 3), **extra,
@@ -224,6 +189,27 @@ class Trainer:
             path = self.save_checkpoint()
             raise Interrupted(signum, f"stopped by signal {signum} at step {self.step}; checkpoint {path} written in "
                                       f"{time.monotonic() - t_stop:.1f}s; the same command resumes")
+
+    def accumulate(self, t: TrainingSettings, accum: int) -> tuple[float, dict]:
+        """Forward and backward over the step's micro-batches; (the loss, the regularisation rows' share of it when
+        the run has such rows), averaged over micro-batches and ranks, the gradients likewise."""
+        losses, reg_losses = [], []
+        for micro in range(accum):
+            index = self.step * accum + micro
+            g = micro_generator(t.seed, index)
+            batch = self.fetch(index, g)
+            self.batch_shape = tuple(batch.latents.shape)
+            rows = train_loss(self.transformer, batch, g, t, self.patch_size, self.device, self.dtype,
+                              share=(self.dist.rank, self.dist.world), network=self.network)
+            loss = rows.mean()
+            (loss / accum).backward()
+            losses.append(loss.item())
+            if batch.regularisation is not None:
+                reg_losses.append(rows.detach()[batch.regularisation.to(rows.device)].sum().item() / len(rows))
+        # once per step, after accumulation: every rank then clips, steps and decides about non-finite values
+        # alike, and the adapters stay identical
+        loss, reg_loss = self.dist.average_gradients(self.params, [sum(losses) / accum, sum(reg_losses) / accum])
+        return loss, ({"regularisation_loss": reg_loss} if reg_losses else {})
 
     def apply(self, loss: float, grad_norm: float) -> bool:
         """The optimizer step; a non-finite loss or gradient is skipped (SKIP_NONFINITE_STEPS allows that many)
@@ -258,6 +244,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Written by rank 0 (the ranks' adapters and optimizers are identical) with every rank's RNG state; the
         others wait for it."""
+        self.stage = "checkpoint"
         rng = self.dist.gather(checkpoint.rng_state())
         return self.dist.main_only(lambda: self._write_checkpoint(rng))
 
@@ -269,16 +256,17 @@ class Trainer:
         meta = {"micro_batches_done": self.step * self.t.gradient_accumulation_steps,
                 "total_steps": self.total_steps, "skipped": self.skipped, "num_processes": self.dist.world,
                 "global_batch": self.global_batch}
-        path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta)
+        fault = (lambda tmp: self.fault("checkpoint", self.step, tmp)) if self.fault else None
+        path = checkpoint.save(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta, fault=fault)
         self.status.update(last_checkpoint=path.name, force=True)
         self.on_checkpoint(path)  # first: an upload still reading an older checkpoint finishes before rotation
         removed = checkpoint.rotate(self.checkpoint_dir, self.checkpoints_total_limit)
         log.info("checkpoint %s written%s", path.name, f" ({len(removed)} old removed)" if removed else "")
         return path
 
-    def resume(self, path: Path, loaded: tuple | None = None) -> None:
-        """Continue from a checkpoint (`loaded`: what checkpoint.load already read from it)."""
-        adapter, state, meta = loaded or checkpoint.load(path)
+    def _resume(self, loaded: checkpoint.Loaded) -> None:
+        """Continue from a checkpoint already read (checkpoint.choose)."""
+        path, adapter, state, meta = loaded.path, loaded.adapter, loaded.state, loaded.meta
         try:
             self.network.load_state_dict(adapter)
         except RuntimeError as e:  # an adapter of another shape: the settings changed, the file is fine
@@ -289,15 +277,14 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema and "ema" in state:
             self.ema.load_state_dict(state["ema"])
-        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank (older: one)
-        checkpoint.restore_rng(rng[self.dist.rank % len(rng)])
-        self.step, self.skipped = meta["step"], meta.get("skipped", 0)
+        checkpoint.restore_rng(state["rng"][self.dist.rank % len(state["rng"])])  # one per rank
+        self.step, self.skipped = meta["step"], meta["skipped"]
         log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
-        written_by, then = meta.get("num_processes", 1), meta.get("global_batch")
+        written_by, then = meta["num_processes"], meta["global_batch"]
         if written_by != self.dist.world and self.dist.is_main:
             why = (f"the global batch (TRAIN_BATCH_SIZE × NUM_PROCESSES = {then}) is unchanged, and so is the data "
                    "order" if then == self.global_batch else "data order differs from an uninterrupted run (global "
-                   f"batch {then or '?'} then, {self.global_batch} now)")
+                   f"batch {then} then, {self.global_batch} now)")
             log.warning("resumed with NUM_PROCESSES=%d, checkpoint was written with %d: %s", self.dist.world,
                         written_by, why)
 

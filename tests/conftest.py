@@ -1,26 +1,31 @@
-"""Shared fixtures: the tiny built-in AuraFlow and a runner for the real CLI."""
+"""Shared fixtures and helpers: the tiny built-in AuraFlow, the settings that train it in seconds, and a runner
+for the real CLI (`python entrypoint.py ...` in a subprocess, with no job setting inherited from this process)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from job import builtin
-from job.config import SPECS
+from job.config import CONFIG_FILE_ENV, SPECS
+from job.pipeline import DEMO_LYCORIS
 
 ROOT = Path(__file__).resolve().parents[1]
-# The team's contract, beside the checkout (where the developers' machines and CI have it); tests skip without it.
-CONTRACT = ROOT.parent / "shared" / "CONTRACT.md"
-# Settings the contract already names for work not landed yet (the open issue that adds each). The tests check
-# every other contract setting exists, and that these do not yet: move a name out when its issue lands.
-CONTRACT_PENDING = {
-    "IMAGE_COLUMN": 19, "CAPTION_COLUMN": 19, "DATASET_SPLIT": 19, "TOKENIZER_MAX_LENGTH": 19,
-    "EXPORT_COMFYUI": 20,
-    "NUM_MACHINES": 22, "MACHINE_RANK": 22, "MAIN_PROCESS_IP": 22, "MAIN_PROCESS_PORT": 22, "RENDEZVOUS_TIMEOUT": 22,
-}
+torch.set_num_threads(1)  # the same for the tests that train in this process (see clean_env)
+SETTING_ENVS = {s.env for s in SPECS} | {CONFIG_FILE_ENV}
+
+# The tiny model at its full 64 px, in fp32 without checkpointing, with AdamW: a step takes milliseconds.
+TINY = dict(resolution=64, resolution_type="pixel", validation_resolution="64x64", push_to_hub="false",
+            mixed_precision="no", gradient_checkpointing="false", optimizer="adamw", flow_schedule_shift="1.0",
+            validation_num_inference_steps="2")
+ALL_LINEAR = json.dumps(DEMO_LYCORIS)  # LoKr over every Linear of the tiny transformer
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +38,72 @@ def tiny_model(builtin_root) -> Path:
     return builtin.tiny_model_dir(builtin_root)
 
 
-def clean_env(**settings: str) -> dict[str, str]:
-    """The process environment without any job setting, plus `settings` (upper-cased names)."""
-    names = {s.env for s in SPECS} | {"CONFIG_FILE"}
-    env = {k: v for k, v in os.environ.items() if k not in names}
-    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"})
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+HUB_MODEL, HUB_DATA = "tester/tiny-auraflow", "tester/one-circle"
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_model, tmp_path_factory):
+    """A Hub look-alike on 127.0.0.1 (tests/hubserver.py, a free port) with the tiny model, a one-image dataset and
+    a gated copy of the model; the adapter goes the LFS way, configs the regular way."""
+    from hubserver import start_hub
+
+    server = start_hub(lfs_threshold=8 * 1024)
+    server.model_commit = server.add_repo(HUB_MODEL, tree(tiny_model))
+    server.add_repo(HUB_DATA, tree(builtin.single_image_dataset_dir(tmp_path_factory.mktemp("d"))), repo_type="dataset")
+    server.add_repo("mallory/gated-auraflow", tree(tiny_model), gated=True)
+    yield server
+    server.stop()
+
+
+def losses(out: Path) -> list[float]:
+    """The training loss of every step a run logged to OUTPUT_DIR/metrics.jsonl."""
+    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def clean_env(**settings) -> dict[str, str]:
+    """This process's environment without anything named like a setting, plus `settings` (names upper-cased)."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_ENVS}
+    # One compute thread: the tiny model's ops are too small to split, and with pytest-xdist every core already runs
+    # a test (two threads per run made a 24-step run 3x slower on 2 busy cores: OpenMP's idle threads spin).
+    env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
+                "OMP_NUM_THREADS": "1"})
     env.update({k.upper(): str(v) for k, v in settings.items()})
     return env
 
 
-def run_cli(*args: str, timeout: float = 300, **settings) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, env=clean_env(**settings),
-                          capture_output=True, text=True, timeout=timeout)
+@dataclass(frozen=True)
+class Run:
+    """A finished CLI run: what subprocess.run gives, plus its wall time, printed whole by a failed assert."""
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float
+
+    def __str__(self) -> str:
+        return (f"entrypoint.py {' '.join(self.args)} -> rc {self.returncode} in {self.elapsed:.1f}s\n"
+                f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}")
+
+
+# What makes a run heavy: a refusal that comes before any of these are imported came within a second or two.
+HEAVY = {"torch", "diffusers", "transformers", "numpy"}
+# Set in a run's environment, Python lists every module it imports on stderr (`import time: ... | module`).
+LIST_IMPORTS = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def imported(run: Run) -> set[str]:
+    """The top-level packages a run started with LIST_IMPORTS imported."""
+    return {ln.rsplit("|", 1)[-1].strip().split(".")[0] for ln in run.stderr.splitlines() if ln.startswith("import time:")}
+
+
+def run_cli(*args: str, timeout: float = 300, **settings) -> Run:
+    """`python entrypoint.py *args` with `settings` as environment variables (lower-case names are fine)."""
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, env=clean_env(**settings),
+                       capture_output=True, text=True, timeout=timeout, check=False)
+    return Run(tuple(args), p.returncode, p.stdout, p.stderr, time.monotonic() - t0)

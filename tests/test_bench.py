@@ -27,8 +27,10 @@ SEED_SMALL = {**SEED_LYCORIS_CONFIG, "factor": 4}  # the seed's preset (Attentio
 
 @pytest.mark.parametrize("lycoris, bypass, checkpointing", [
     (SEED_SMALL, True, True),  # the seed's LoKr in bypass mode (the quantised base, and bf16 once issue 16 lands)
-    (SEED_SMALL, False, True),  # rebuild mode: W + dW materialised, one more full matmul per adapted Linear
-    (DEMO_LYCORIS, True, False),  # every Linear adapted, the patch embedding and timestep MLP too; no recompute
+    # rebuild mode: W + dW materialised, one more full matmul per adapted Linear
+    pytest.param(SEED_SMALL, False, True, marks=pytest.mark.slow),
+    # every Linear adapted, the patch embedding and timestep MLP too; no recompute
+    pytest.param(DEMO_LYCORIS, True, False, marks=pytest.mark.slow),
 ])
 def test_analytic_flops_equal_what_flopcountermode_counts_on_a_bf16_model(lycoris, bypass, checkpointing):
     """A whole training step (forward, checkpoint recompute, backward) of a bf16 AuraFlow with LoKr: the count from
@@ -137,6 +139,7 @@ def test_the_prepared_wheels_are_the_pins_and_install_on_the_gpu_machines_python
     assert "is not a supported wheel" in dry_run("3.13").stderr
 
 
+@pytest.mark.slow
 def test_the_kit_cpu_mode_trains_from_the_wheels_on_a_torch_only_python(tmp_path):
     """`bash bench/gpu_kit.sh cpu`, trimmed to one job variant and two benchmark variants: the same steps as on the
     GPU machine. With .whl-host/ (prepare) the job runs on a python that has torch and numpy only, plus the wheels

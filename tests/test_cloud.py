@@ -8,23 +8,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from test_hub import DATA, MODEL, tree
 
-from conftest import run_cli
-from hubserver import WRITE_TOKEN, start_hub
-from job import builtin
-from test_train import ALL_LINEAR, TINY
+from conftest import ALL_LINEAR, HUB_DATA, HUB_MODEL, TINY, run_cli
+from hubserver import WRITE_TOKEN
+
+pytestmark = pytest.mark.slow  # every test here runs the real CLI end to end
 
 POD_KEY = "rpa_" + "K" * 30
-
-
-@pytest.fixture(scope="module")
-def hub(tiny_model, tmp_path_factory):
-    server = start_hub(lfs_threshold=8 * 1024)
-    server.add_repo(MODEL, tree(tiny_model))
-    server.add_repo(DATA, tree(builtin.single_image_dataset_dir(tmp_path_factory.mktemp("d"))), repo_type="dataset")
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -56,7 +46,7 @@ def platform(hub):
 
 
 def train(hub, platform, tmp_path, **settings):
-    base = {**TINY, "model_id": MODEL, "dataset_id": DATA, "lycoris_config": ALL_LINEAR, "max_train_steps": 2,
+    base = {**TINY, "model_id": HUB_MODEL, "dataset_id": HUB_DATA, "lycoris_config": ALL_LINEAR, "max_train_steps": 2,
             "output_dir": tmp_path / "out", "hf_token": WRITE_TOKEN, "hf_endpoint": hub.url, "hf_home": tmp_path / "hf",
             "hf_hub_offline": "0", "hf_hub_disable_xet": "1", "hub_retries": 2, "push_to_hub": "true",
             "hub_model_id": "tester/pod-ok", "validation_step_interval": 0}

@@ -17,22 +17,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
-from job import builtin, config, data, model, pipeline
+from conftest import TINY, run_cli
+from job import builtin, config, data, model
 from job.cache import TensorCache
 from job.errors import DataError
 
-TINY = dict(resolution=64, resolution_type="pixel", validation_resolution="64x64", push_to_hub="false",
-            mixed_precision="no", gradient_checkpointing="false", optimizer="adamw", flow_schedule_shift="1.0",
-            validation_num_inference_steps=1)  # sampling is not under test here
 # the tiny model's grid: VAE factor 2 x patch 2 = 4 px steps; 16 patches a side = 64 px at most
-TINY_GRID = model.Geometry(patch_size=2, pos_embed_max_size=256, vae_scale_factor=2, latent_channels=4)
+TINY_GRID = model.Grid(patch_size=2, pos_embed_max_size=256, vae_scale_factor=2, latent_channels=4)
 ORIENTATION = 0x0112
 
 
 def geo(resolution=64, resolution_type="pixel", crop=False, crop_style="center", crop_aspect="square", step=4,
-        max_side=64) -> data.Geometry:
-    return data.Geometry(resolution, resolution_type, crop, crop_style, crop_aspect, step, max_side)
+        max_side=64) -> data.Framing:
+    return data.Framing(resolution, resolution_type, crop, crop_style, crop_aspect, step, max_side)
 
 
 def noise(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -92,13 +89,13 @@ def test_textfile_captions_several_lines_rotate_across_epochs(tmp_path, job_log)
     write(d, "a.png", noise(64, 64, 1), "first line\n\n  second line  \nthird line\n")
     write(d, "b.png", noise(64, 64, 2), "only one")
     write(d, "c.png", noise(64, 64, 3))  # no caption file: skipped
-    samples = data.discover(d, "textfile", "", geo())
-    assert [s.path.name for s in samples] == ["a.png", "b.png"]
+    samples = data.discover(data.Folder(d, "textfile", ""), geo())
+    assert [s.name for s in samples] == ["a.png", "b.png"]
     assert samples[0].captions == ("first line", "second line", "third line")  # blank lines dropped, stripped
     assert samples[1].captions == ("only one",)
     assert any("2 images usable, 1 skipped (no caption)" in m for m in job_log), job_log
 
-    plan = data.Plan(samples, batch_size=1, seed=0)
+    plan = data.BatchPlan(samples, batch_size=1, seed=0)
     assert plan.batches_per_epoch == 2
     chosen = {i: [] for i in range(2)}
     for epoch in range(30):
@@ -109,16 +106,16 @@ def test_textfile_captions_several_lines_rotate_across_epochs(tmp_path, job_log)
     assert set(chosen[0]) <= {0, 1, 2} and len(set(chosen[0])) >= 2, chosen[0]  # varies, stays in range
     assert set(chosen[1]) == {0}
     # the plan is a pure function of (seed, epoch): a fresh Plan agrees, another seed does not
-    again = data.Plan(samples, batch_size=1, seed=0)
-    assert [again.epoch_batches(e) for e in range(30)] == [data.Plan(samples, 1, 0).epoch_batches(e) for e in range(30)]
-    assert [again.epoch_batches(e) for e in range(30)] != [data.Plan(samples, 1, 1).epoch_batches(e) for e in range(30)]
+    again = data.BatchPlan(samples, batch_size=1, seed=0)
+    assert [again.epoch_batches(e) for e in range(30)] == [data.BatchPlan(samples, 1, 0).epoch_batches(e) for e in range(30)]
+    assert [again.epoch_batches(e) for e in range(30)] != [data.BatchPlan(samples, 1, 1).epoch_batches(e) for e in range(30)]
 
 
 def test_filename_captions(tmp_path):
     d = tmp_path / "ds"
     write(d, "a_red_circle.png", noise(64, 64))
     write(d, "sub/two_blue__squares_.jpg", noise(64, 64), "ignored text file")
-    samples = data.discover(d, "filename", "", geo())
+    samples = data.discover(data.Folder(d, "filename", ""), geo())
     assert sorted(s.captions for s in samples) == [("a red circle",), ("two blue  squares",)]
 
 
@@ -126,7 +123,7 @@ def test_instanceprompt_captions_ignore_text_files(tmp_path):
     d = tmp_path / "ds"
     write(d, "x.png", noise(64, 64, 1), "a text file caption")
     write(d, "y.png", noise(64, 64, 2))
-    samples = data.discover(d, "instanceprompt", "photo of sks dog", geo())
+    samples = data.discover(data.Folder(d, "instanceprompt", "photo of sks dog"), geo())
     assert [s.captions for s in samples] == [("photo of sks dog",)] * 2
 
 
@@ -143,8 +140,8 @@ def test_metadata_captions_with_images_in_a_subfolder(tmp_path, kind, job_log):
     else:
         lines = ["file_name,text"] + [f'{r["file_name"]},"{r["text"]}"' for r in rows]
         (d / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    samples = data.discover(d, "metadata", "", geo())
-    got = {s.path.relative_to(d).as_posix(): s.captions for s in samples}
+    samples = data.discover(data.Folder(d, "metadata", ""), geo())
+    got = {s.name: s.captions for s in samples}
     assert got == {"images/one.png": ("the first, with a comma",), "images/two.png": ("the second",)}
     assert any("2 images usable, 1 skipped (no caption)" in m for m in job_log), job_log
 
@@ -152,14 +149,14 @@ def test_metadata_captions_with_images_in_a_subfolder(tmp_path, kind, job_log):
 def test_metadata_strategy_without_a_table_is_a_data_error(tmp_path):
     write(tmp_path, "a.png", noise(64, 64))
     with pytest.raises(DataError, match="metadata.jsonl or metadata.csv"):
-        data.discover(tmp_path, "metadata", "", geo())
+        data.discover(data.Folder(tmp_path, "metadata", ""), geo())
 
 
 def test_no_caption_anywhere_is_a_data_error_with_the_counts(tmp_path):
     for i in range(3):
         write(tmp_path, f"{i}.png", noise(64, 64, i))
     with pytest.raises(DataError, match=r"no usable images .*\(3 image files found; 3 no caption\)"):
-        data.discover(tmp_path, "textfile", "", geo())
+        data.discover(data.Folder(tmp_path, "textfile", ""), geo())
 
 
 # ------------------------------------------------------------------ odd image files
@@ -172,8 +169,8 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, job_log):
     (d / "garbage.txt").write_text("ok")
     (d / "empty.webp").write_bytes(b"")
     (d / "empty.txt").write_text("ok")
-    samples = data.discover(d, "textfile", "", geo())
-    assert [s.path.name for s in samples] == ["good.png"]
+    samples = data.discover(data.Folder(d, "textfile", ""), geo())
+    assert [s.name for s in samples] == ["good.png"]
     assert any("1 images usable, 3 skipped (unreadable)" in m for m in job_log), job_log
     with pytest.raises(OSError):
         data.open_image(d / "trunc.png")
@@ -186,8 +183,8 @@ def test_truncated_jpeg_with_a_good_header_is_skipped_while_caching(tmp_path, jo
     truncate(write(d, "trunc.jpg", noise(64, 64, 1), "ok", quality=90))
     with pytest.raises(OSError):
         data.open_image(d / "trunc.jpg")
-    samples = data.discover(d, "textfile", "", geo())
-    assert [s.path.name for s in samples] == ["good.jpg", "trunc.jpg"]
+    samples = data.discover(data.Folder(d, "textfile", ""), geo())
+    assert [s.name for s in samples] == ["good.jpg", "trunc.jpg"]
     cache = TensorCache(tmp_path / "cache", "fake")
     keys = data.cache_latents(samples, cache, lambda px: px[:, :1, ::2, ::2].clone(), batch_size=2)
     assert list(keys) == [0] and cache.writes == 1
@@ -217,9 +214,9 @@ def test_exif_rotated_image_comes_out_upright_and_buckets_follow(tmp_path, fmt):
     assert img.mode == "RGB" and img.size == (20, 40)
     assert _close(img.getpixel((10, 2)), (255, 0, 0)) and _close(img.getpixel((10, 37)), (0, 0, 255))  # left → top
     assert data.oriented_size(path) == (20, 40)
-    (s,) = data.discover(tmp_path, "textfile", "", geo())
+    (s,) = data.discover(data.Folder(tmp_path, "textfile", ""), geo())
     assert s.bucket == (32, 64)  # portrait: short side 64 → 64x128, clamped to the 64 px grid
-    fitted = data.fit(img, s.bucket, s.geometry, "k")
+    fitted = data.fit(img, s.bucket, s.framing, "k")
     assert fitted.size == (32, 64) and _close(fitted.getpixel((16, 2)), (255, 0, 0))
 
 
@@ -230,7 +227,7 @@ def test_exif_rotated_tiff_bucket_matches_the_decoded_image(tmp_path):
     img = data.open_image(path)  # pillow reports a TIFF's size already in display orientation: no second swap
     assert img.size == (20, 40) and _close(img.getpixel((10, 2)), (255, 0, 0), 0)
     assert data.oriented_size(path) == (20, 40)
-    (s,) = data.discover(tmp_path, "textfile", "", geo())
+    (s,) = data.discover(data.Folder(tmp_path, "textfile", ""), geo())
     assert s.bucket == (32, 64)
 
 
@@ -294,7 +291,7 @@ def test_rgba_la_l_and_webp_become_rgb(tmp_path):
     # and all five are discovered (webp included)
     for p in list(tmp_path.iterdir()):
         p.with_suffix(".txt").write_text("x")
-    assert sorted(s.path.name for s in data.discover(tmp_path, "textfile", "", geo())) == \
+    assert sorted(s.name for s in data.discover(data.Folder(tmp_path, "textfile", ""), geo())) == \
         ["l.png", "la.png", "rgb.webp", "rgba.png", "rgba.webp"]
 
 
@@ -361,11 +358,11 @@ def test_random_crop_is_deterministic_per_seed_key():
 def test_minimum_image_size_drops_and_counts(tmp_path, job_log):
     for name, size in (("small.png", (32, 32)), ("ok.png", (64, 64)), ("wide.png", (100, 40))):
         write(tmp_path, name, noise(*size), "x")
-    kept = data.discover(tmp_path, "textfile", "", geo(), minimum_image_size=48)  # short side 32, 64, 40
-    assert [s.path.name for s in kept] == ["ok.png"]
+    kept = data.discover(data.Folder(tmp_path, "textfile", ""), geo(), minimum_image_size=48)  # short side 32, 64, 40
+    assert [s.name for s in kept] == ["ok.png"]
     assert any("1 images usable, 2 skipped (smaller than minimum_image_size 48)" in m for m in job_log), job_log
-    kept = data.discover(tmp_path, "textfile", "", geo(resolution_type="pixel_area"), minimum_image_size=48)
-    assert sorted(s.path.name for s in kept) == ["ok.png", "wide.png"]  # sqrt(area) 32, 64, 63.2
+    kept = data.discover(data.Folder(tmp_path, "textfile", ""), geo(resolution_type="pixel_area"), minimum_image_size=48)
+    assert sorted(s.name for s in kept) == ["ok.png", "wide.png"]  # sqrt(area) 32, 64, 63.2
     assert any("2 images usable, 1 skipped (smaller than minimum_image_size 48)" in m for m in job_log), job_log
 
 
@@ -373,7 +370,7 @@ def test_minimum_image_size_drops_and_counts(tmp_path, job_log):
 
 def test_batches_never_mix_buckets(tmp_path):
     toy = builtin.toy_dataset_dir(tmp_path, count=24)
-    samples = data.discover(toy, "textfile", "", geo(crop=False))
+    samples = data.discover(data.Folder(toy, "textfile", ""), geo(crop=False))
     assert Counter(s.bucket for s in samples) == {(64, 64): 21, (64, 44): 2, (44, 64): 1}
     plan = data.make_plan(samples, 2, seed=1)
     assert plan.batches_per_epoch == 21 // 2 + 2 // 2 + 1 // 2  # incomplete tails dropped per bucket
@@ -389,13 +386,13 @@ def test_batches_never_mix_buckets(tmp_path):
 
 def test_repeats_multiply_appearances_per_epoch(tmp_path):
     toy = builtin.toy_dataset_dir(tmp_path, count=24)
-    samples = data.discover(toy, "textfile", "", geo(crop=False), repeats=2)
+    samples = data.discover(data.Folder(toy, "textfile", ""), geo(crop=False), repeats=2)
     assert {s.repeats for s in samples} == {2}
-    plan = data.Plan(samples, 1, seed=0)
+    plan = data.BatchPlan(samples, 1, seed=0)
     assert plan.batches_per_epoch == 72
     for epoch in range(3):
         assert Counter(i for (i, _), in plan.epoch_batches(epoch)) == {i: 3 for i in range(24)}
-    assert data.Plan(samples, 2, 0).batches_per_epoch == 63 // 2 + 6 // 2 + 3 // 2
+    assert data.BatchPlan(samples, 2, 0).batches_per_epoch == 63 // 2 + 6 // 2 + 3 // 2
 
 
 def test_data_backend_config_datasets_keep_their_own_settings(tmp_path):
@@ -415,16 +412,16 @@ def test_data_backend_config_datasets_keep_their_own_settings(tmp_path):
     s = config.build_settings([{"data_backend_config": json.dumps(entries), "push_to_hub": "false"}])
     specs, text_dir, problems, _ = config.datasets(s)
     assert problems == [] and [sp.id for sp in specs] == ["photos", "named"]
-    samples, cache_dirs, text_cache, _ = pipeline.gather_samples(s, TINY_GRID, tmp_path / "out")
-    assert text_cache == tmp_path / "text-cache"
-    assert [(s.path.parent.name, s.repeats, s.bucket) for s in samples] == \
+    assert text_dir == str(tmp_path / "text-cache")
+    samples, cache_dirs = data.discover_all(specs, [a, b], TINY_GRID, tmp_path / "out")
+    assert [(Path(s.source.where).name, s.repeats, s.bucket) for s in samples] == \
         [("photos", 1, (64, 44))] * 3 + [("named", 3, (32, 32))] * 2
     assert [smp.captions for smp in samples[3:]] == [("a blue cube",), ("a red ball",)]
     assert samples[0].captions == ("photo 0", "alternative 0")
-    assert samples[0].geometry.resolution == 64 and samples[0].geometry.crop is False
-    assert samples[3].geometry == data.Geometry(32, "pixel_area", True, "random", "square", 4, 64)
+    assert samples[0].framing.resolution == 64 and samples[0].framing.crop is False
+    assert samples[3].framing == data.Framing(32, "pixel_area", True, "random", "square", 4, 64)
     assert cache_dirs == [tmp_path / "out" / "cache" / "vae"] * 3 + [tmp_path / "named-cache"] * 2
-    plan = data.Plan(samples, 1, seed=0)
+    plan = data.BatchPlan(samples, 1, seed=0)
     assert Counter(i for (i, _), in plan.epoch_batches(0)) == {0: 2, 1: 2, 2: 2, 3: 4, 4: 4}
 
 
@@ -439,13 +436,13 @@ def _odd_sizes(folder: Path) -> None:
 def test_every_cached_latent_fits_the_tiny_transformer(tmp_path, tiny_model, vae, transformer):
     folder = tmp_path / "odd"
     _odd_sizes(folder)
-    grid = model.read_geometry(tiny_model)
+    grid = model.read_grid(tiny_model)
     assert (grid.pixel_step, grid.vae_scale_factor) == (4, 2)
     max_side = int(grid.pos_embed_max_size ** 0.5) * grid.pixel_step
     seen = set()
     for rtype, crop in (("pixel", False), ("pixel_area", False), ("pixel", True)):
-        g = data.Geometry(64, rtype, crop, "center", "square", grid.pixel_step, max_side)
-        samples = data.discover(folder, "textfile", "", g)
+        g = data.Framing(64, rtype, crop, "center", "square", grid.pixel_step, max_side)
+        samples = data.discover(data.Folder(folder, "textfile", ""), g)
         cache = TensorCache(tmp_path / f"cache-{rtype}-{crop}", "tiny-vae")
         keys = data.cache_latents(samples, cache, lambda px: model.encode_latents(vae, px), batch_size=4)
         by_bucket = {}
@@ -469,7 +466,7 @@ def test_latent_cache_reuse_and_one_changed_image(tmp_path, vae):
     folder = tmp_path / "ds"
     for k, size in enumerate(((64, 64), (64, 64), (96, 64), (64, 96))):
         write(folder, f"{k}.png", noise(*size, seed=k), f"image {k}")
-    samples = data.discover(folder, "textfile", "", geo())
+    samples = data.discover(data.Folder(folder, "textfile", ""), geo())
     cache = TensorCache(tmp_path / "vae", "tiny-vae")
 
     def encode(px):
@@ -520,6 +517,7 @@ def test_text_cache_reuse_and_one_changed_caption(tmp_path):
 
 # ------------------------------------------------------------------ through the CLI
 
+@pytest.mark.slow
 def test_fewer_usable_images_than_one_batch_exits_4(tiny_model, tmp_path):
     one = builtin.single_image_dataset_dir(tmp_path / "data")
     r = run_cli("train", **TINY, model_id=tiny_model, dataset_id=one, output_dir=tmp_path / "out",
@@ -529,6 +527,7 @@ def test_fewer_usable_images_than_one_batch_exits_4(tiny_model, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_only_corrupt_images_exits_4(tiny_model, tmp_path):
     d = tmp_path / "corrupt"
     truncate(write(d, "a.png", noise(64, 64), "a caption"))
@@ -540,6 +539,7 @@ def test_only_corrupt_images_exits_4(tiny_model, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_second_run_over_the_same_output_encodes_nothing(tiny_model, tmp_path):
     toy = builtin.toy_dataset_dir(tmp_path / "data", count=8)
     captions = {p.read_text(encoding="utf-8").strip() for p in toy.glob("*.txt")}

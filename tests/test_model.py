@@ -150,7 +150,7 @@ def test_the_encoders_are_freed_once_the_caches_are_written(tiny_model, tmp_path
     """The VAE and the text encoder hold GPU memory the transformer needs: gone (collected) when caching returns."""
     import weakref
 
-    from job import builtin, data, pipeline
+    from job import builtin, data
 
     alive = {}
     load_vae, load_text = model.load_vae, model.load_text_encoder
@@ -165,10 +165,10 @@ def test_the_encoders_are_freed_once_the_caches_are_written(tiny_model, tmp_path
     monkeypatch.setattr(model, "load_vae", keep("vae", load_vae))
     monkeypatch.setattr(model, "load_text_encoder", keep("text", load_text))
     folder = builtin.single_image_dataset_dir(tmp_path, caption="a red circle", size=32)
-    g = data.Geometry(32, "pixel", True, "center", "square", 16, 512)
-    samples = data.discover(folder, "textfile", "", g)
-    pipeline.cache_latents(tiny_model, samples, [tmp_path / "vae"] * len(samples), 1, torch.device("cpu"))
-    pipeline.cache_text(tiny_model, samples, [], tmp_path / "text", torch.device("cpu"))
+    g = data.Framing(32, "pixel", True, "center", "square", 16, 512)
+    samples = data.discover(data.Folder(folder, "textfile", ""), g)
+    data.encode_images(tiny_model, samples, [tmp_path / "vae"] * len(samples), 1, torch.device("cpu"))
+    data.encode_captions(tiny_model, ["a red circle", ""], tmp_path / "text", torch.device("cpu"))
     assert set(alive) == {"vae", "text"} and all(ref() is None for ref in alive.values())
 
 

@@ -9,13 +9,12 @@ exactly as they would on a GPU.
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
 import torch
 from diffusers import AuraFlowTransformer2DModel
-from safetensors.torch import load_file
 
+from conftest import ROOT
 from job import model, offload
 from job.config import SEED_LYCORIS_CONFIG
 from job.pipeline import DEMO_LYCORIS
@@ -99,30 +98,37 @@ def reference(precision: str, config: str = "SMALL", lycoris: str = "demo", step
 
 # ---------------------------------------------------------------- gradients: bit-exact against no offload
 
+# Every grouping; the fast set (-m "not slow") keeps one block per group, the others run in the full suite.
+GROUPINGS = [("block_level", 1), pytest.param("block_level", 2, marks=pytest.mark.slow),
+             pytest.param("leaf_level", 1, marks=pytest.mark.slow)]
+
+
 @pytest.mark.parametrize("precision", ["no_change", "int8-quanto"])
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
 @pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
-@pytest.mark.parametrize("kind,per_group", [("block_level", 1), ("block_level", 2), ("leaf_level", 1)])
+@pytest.mark.parametrize("kind,per_group", GROUPINGS)
 def test_lokr_gradients_with_offload_equal_the_reference(kind, per_group, disk, checkpointing, precision, tmp_path):
     ref = reference(precision)
     assert any(g.abs().sum() > 0 for g in ref[0])  # a reference that trains at all
-    plan = offload.Plan(kind, per_group, False, str(tmp_path) if disk else "")
+    plan = offload.Policy(kind, per_group, False, str(tmp_path) if disk else "")
     tr, net, off = build(precision, checkpointing, plan)
+    r = Residency(tr, off)
     assert_bit_exact(ref, train_grads(tr, net))
     if checkpointing:
-        assert off.released == 3 * len(off.blocks)  # every block's backward offloaded its groups, every step
+        assert r.released_after_every_backward(3), (r.left, r.resident, r.peak)
     off.close()
 
 
 def test_int4_gradients_with_block_offload_on_disk_equal_the_reference(tmp_path):
     ref = reference("int4-quanto")
-    tr, net, off = build("int4-quanto", True, offload.Plan("block_level", 2, False, str(tmp_path)))
+    tr, net, off = build("int4-quanto", True, offload.Policy("block_level", 2, False, str(tmp_path)))
     assert_bit_exact(ref, train_grads(tr, net))
 
 
+@pytest.mark.slow
 def test_a_100m_parameter_model_with_int8_and_disk_offload_is_bit_exact(tmp_path):
     ref = reference("int8-quanto", "LARGE", "seed", 2)
-    tr, net, off = build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)), config="LARGE",
+    tr, net, off = build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path)), config="LARGE",
                          lycoris=SEED_LYCORIS_CONFIG)
     assert sum(p.numel() for p in weights("LARGE").values()) > 100e6
     assert_bit_exact(ref, train_grads(tr, net, "LARGE", 2))
@@ -130,7 +136,7 @@ def test_a_100m_parameter_model_with_int8_and_disk_offload_is_bit_exact(tmp_path
 
 
 def test_adapter_parameters_stay_put_and_trainable(tmp_path):
-    tr, net, off = build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)))
+    tr, net, off = build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path)))
     before = {n: (p.data_ptr(), p.device) for n, p in net.named_parameters()}
     train_grads(tr, net, steps=1)
     assert {n: (p.data_ptr(), p.device) for n, p in net.named_parameters()} == before
@@ -141,33 +147,45 @@ def test_adapter_parameters_stay_put_and_trainable(tmp_path):
 # ---------------------------------------------------------------- residency
 
 class Residency:
-    """Counts onloaded groups through each group's onload_/offload_ (instance attributes set by this test):
-    the most block groups resident at once in the forward and in the backward, and how many after."""
+    """Which block groups are loaded: counted through each group's onload_/offload_ (the methods of diffusers'
+    ModuleGroup, wrapped on the instances by this test), the phase told by the model's own forward hooks. The most
+    groups resident at once in the forward and in the backward, and how many were still loaded as each forward
+    began (what the step before left behind)."""
 
-    def __init__(self, off: offload.GroupOffload):
-        self.off, self.resident, self.peak = off, set(), {"forward": 0, "backward": 0}
+    def __init__(self, model: torch.nn.Module, off: offload.GroupOffload):
+        self.resident, self.peak, self.phase = set(), {"forward": 0, "backward": 0}, "forward"
+        self.left: list[int] = []
         block_groups = {id(g) for gs in off.owned.values() for g in gs}
         for g in off.groups:
             if id(g) in block_groups:
                 g.onload_ = functools.partial(self._onload, g, g.onload_)
                 g.offload_ = functools.partial(self._offload, g, g.offload_)
+        model.register_forward_pre_hook(self._forward_begins)
+        model.register_forward_hook(lambda *_: setattr(self, "phase", "backward"))  # then only recomputes
+
+    def _forward_begins(self, *_):
+        self.left.append(len(self.resident))
+        self.phase = "forward"
 
     def _onload(self, g, real):
         real()
         self.resident.add(id(g))
-        phase = "backward" if self.off.in_backward else "forward"
-        self.peak[phase] = max(self.peak[phase], len(self.resident))
+        self.peak[self.phase] = max(self.peak[self.phase], len(self.resident))
 
     def _offload(self, g, real):
         real()
         self.resident.discard(id(g))
 
+    def released_after_every_backward(self, steps: int) -> bool:
+        """Every step's backward offloaded every group it loaded (and the backwards did load groups)."""
+        return self.left == [0] * steps and not self.resident and self.peak["backward"] >= 1
+
 
 @pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
-@pytest.mark.parametrize("kind,per_group", [("block_level", 1), ("block_level", 2), ("leaf_level", 1)])
+@pytest.mark.parametrize("kind,per_group", GROUPINGS)
 def test_at_most_the_configured_groups_are_resident_and_none_after_the_backward(kind, per_group, disk, tmp_path):
-    tr, net, off = build("int8-quanto", True, offload.Plan(kind, per_group, False, str(tmp_path) if disk else ""))
-    r = Residency(off)
+    tr, net, off = build("int8-quanto", True, offload.Policy(kind, per_group, False, str(tmp_path) if disk else ""))
+    r = Residency(tr, off)
     for step in range(2):
         (forward(tr, "SMALL", step) ** 2).mean().backward()
         assert r.resident == set(), f"step {step}: {len(r.resident)} groups still loaded after the backward"
@@ -180,7 +198,7 @@ def test_at_most_the_configured_groups_are_resident_and_none_after_the_backward(
 
 def groups_held_by_autograd(checkpointing: bool, folder) -> int:
     """How many block groups' onloaded weights autograd saved during one forward (seen by a saved-tensors hook)."""
-    tr, net, off = build("no_change", checkpointing, offload.Plan("block_level", 1, False, str(folder)))
+    tr, net, off = build("no_change", checkpointing, offload.Policy("block_level", 1, False, str(folder)))
     weight_of, saved = {}, set()
 
     def onload(g, real):
@@ -223,11 +241,11 @@ def test_checkpointing_is_turned_on_with_group_offload(tiny_model):
 def test_quanto_weights_without_exposed_payload_break_under_offload(tmp_path):
     """The failure `expose_quantized_payload` exists for (memory mode without checkpointing: autograd saved the
     quanto weight, which Module._apply must swap)."""
-    tr, net, _ = build("int8-quanto", False, offload.Plan("block_level", 1, False, ""), payload=False)
+    tr, net, _ = build("int8-quanto", False, offload.Policy("block_level", 1, False, ""), payload=False)
     with pytest.raises(RuntimeError, match="swap"):
         train_grads(tr, net, steps=1)
     with pytest.raises(RuntimeError, match="storage"):  # disk mode: safetensors cannot write a quanto tensor
-        build("int8-quanto", True, offload.Plan("block_level", 1, False, str(tmp_path)), payload=False)
+        build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path)), payload=False)
 
 
 def test_exposed_payload_keeps_outputs_and_state_dict():
@@ -246,7 +264,7 @@ def test_exposed_payload_keeps_outputs_and_state_dict():
 def test_two_models_sharing_one_disk_path_each_compute_their_own_outputs(tmp_path):
     """diffusers reuses any file already in the folder (first model's weights served to the second); each run's
     fresh folder prevents it. Both models stay alive and train together, as two runs on one volume would."""
-    plan = offload.Plan("block_level", 1, False, str(tmp_path))
+    plan = offload.Policy("block_level", 1, False, str(tmp_path))
     runs = [build("no_change", True, plan, seed=seed) for seed in (0, 1)]
     with torch.no_grad():
         expected = []
@@ -282,13 +300,13 @@ def test_offload_needs_the_adapter_applied_first():
     """At leaf level, hooks applied under LyCORIS would release the base weight before LyCORIS reads it."""
     tr = AuraFlowTransformer2DModel(**SMALL)
     with pytest.raises(ValueError, match="adapter"):
-        offload.apply(tr, torch.nn.Module(), CPU, offload.Plan("leaf_level"), "x")
+        offload.apply(tr, torch.nn.Module(), CPU, offload.Policy("leaf_level"), "x")
 
 
 def test_stream_prefetch_chain_is_reversed_for_the_backward_and_restored_for_the_forward():
     """Streams need CUDA (bench/gpu.sh runs them); this checks the chain the backward would prefetch along,
     on the real diffusers hooks, with the forward chain set as diffusers' first-forward trace sets it."""
-    tr, net, off = build("no_change", True, offload.Plan("block_level", 1, False, ""))
+    tr, net, off = build("no_change", True, offload.Policy("block_level", 1, False, ""))
     top = offload._group_hook(tr)
     block_hooks = [offload._group_hook(b) for b in off.blocks]
     order = [h.group for h in block_hooks]
@@ -304,61 +322,6 @@ def test_stream_prefetch_chain_is_reversed_for_the_backward_and_restored_for_the
     assert [h.next_group for h in block_hooks] == order[1:] + [None] and top.next_group is order[0]
 
 
-# ---------------------------------------------------------------- through the real CLI
-
-def _run(tiny_model, data, out, **extra):
-    from conftest import run_cli
-    from test_train import TINY
-
-    settings = {**TINY, "model_id": tiny_model, "dataset_id": data, "output_dir": out, "max_train_steps": 4,
-                "train_batch_size": 2, "learning_rate": 1e-2, "lycoris_config": json.dumps(DEMO_LYCORIS),
-                "gradient_checkpointing": "true", "base_model_precision": "int8-quanto",
-                "validation_step_interval": 0, "checkpoint_step_interval": 0, **extra}
-    r = run_cli("train", **settings)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stderr, load_file(str(out / "pytorch_lora_weights.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def baseline(tiny_model, tmp_path_factory):
-    from job import builtin
-
-    root = tmp_path_factory.mktemp("offload-cli")
-    data = builtin.toy_dataset_dir(root, count=4)
-    return data, _run(tiny_model, data, root / "base")[1], (root / "base" / "samples" / "validation.png").read_bytes()
-
-
-def test_train_with_group_offload_to_disk_gives_the_same_adapter(tiny_model, baseline, tmp_path):
-    data, want, _ = baseline
-    spill = tmp_path / "spill"
-    log, got = _run(tiny_model, data, tmp_path / "out", enable_group_offload="true", group_offload_to_disk_path=spill,
-                    group_offload_type="block_level", group_offload_use_stream="true", gradient_checkpointing="false")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert "group offload:" in log and "GRADIENT_CHECKPOINTING" in log  # turned on, and said so
-    assert "streams need a CUDA GPU" in log
-    assert spill.is_dir() and list(spill.iterdir()) == []  # the run's offload folder is gone
-
-
-def test_model_cpu_offload_and_offload_during_startup_change_no_number(tiny_model, baseline, tmp_path):
-    data, want, png = baseline
-    for name in ("enable_model_cpu_offload", "offload_during_startup"):
-        out = tmp_path / name
-        _, got = _run(tiny_model, data, out, **{name: "true"})
-        assert all(torch.equal(got[k], want[k]) for k in want), name
-        assert (out / "samples" / "validation.png").read_bytes() == png, name
-
-
-def test_check_prints_a_memory_estimate(tiny_model, baseline):
-    from conftest import run_cli
-
-    r = run_cli("check", model_id=tiny_model, dataset_id=baseline[0], push_to_hub="false", resolution=64,
-                validation_resolution="64x64",
-                enable_group_offload="true", base_model_precision="int8-quanto")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "peak accelerator memory" in r.stderr and "group offload block_level" in r.stderr
-    assert "peak host RAM" in r.stderr
-
-
 def test_the_estimate_for_real_size_auraflow_orders_the_settings_and_fits_the_seed_on_24gb():
     from accelerate import init_empty_weights
 
@@ -366,7 +329,7 @@ def test_the_estimate_for_real_size_auraflow_orders_the_settings_and_fits_the_se
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel(**{**SMALL, **AURAFLOW})
-    size = model.model_size(shell, model.Geometry(2, 9216, 8, 4))
+    size = model.model_size(shell, model.Grid(2, 9216, 8, 4))
     assert 6.5e9 < size.total < 7.0e9
     net = model._lycoris_network(shell, SEED_LYCORIS_CONFIG)
     lokr = sum(p.numel() for lora in net.loras for p in lora.parameters())
@@ -395,7 +358,7 @@ def test_host_ram_estimate_for_real_size_auraflow():
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel(**{**SMALL, **AURAFLOW})
-    size = model.model_size(shell, model.Geometry(2, 9216, 8, 4))
+    size = model.model_size(shell, model.Grid(2, 9216, 8, 4))
     assert 1.2 < size.pinned_ratio < 1.6  # AuraFlow's 3072x3072 weights round up 1.78x, its 3072x8192 ones 1.33x
 
     def host(**kw):
@@ -428,7 +391,7 @@ def test_the_machines_ram_is_its_container_limit_when_lower(tmp_path, monkeypatc
 
     with init_empty_weights():
         shell = AuraFlowTransformer2DModel(**{**SMALL, **AURAFLOW})
-    size = model.model_size(shell, model.Geometry(2, 9216, 8, 4))
+    size = model.model_size(shell, model.Grid(2, 9216, 8, 4))
     with caplog.at_level("INFO", logger="job"):
         pipeline.report_memory(s, torch.device("cpu"), size, 1000, 64)
     text = caplog.text
@@ -442,17 +405,18 @@ def test_no_tensor_piles_up_from_step_to_step():
     must not keep the leaf (and its gradient) alive after the step."""
     import gc
 
-    tr, net, off = build("no_change", True, offload.Plan("block_level", 1, False, ""), lycoris=SEED_LYCORIS_CONFIG)
+    tr, net, off = build("no_change", True, offload.Policy("block_level", 1, False, ""), lycoris=SEED_LYCORIS_CONFIG)
 
     def live_tensors() -> int:
         gc.collect()
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
+    r = Residency(tr, off)
     train_grads(tr, net, steps=2)
     before = live_tensors()
     train_grads(tr, net, steps=4)
     assert live_tensors() <= before + 1  # the next forward drops the last one's hooks
-    assert off.released == 6 * len(off.blocks)
+    assert r.released_after_every_backward(6), (r.left, r.resident, r.peak)
 
 
 RSS_AFTER_SPILL = """
@@ -474,21 +438,48 @@ net = model.create_adapter(tr, {"algo": "lokr", "factor": 4, "apply_preset": {"t
                            torch.float32)
 weights = sum(p.numel() * p.element_size() for b in offload.blocks(tr) for p in b.parameters())
 before = rss()
-offload.apply(tr, net, torch.device("cpu"), offload.Plan("block_level", 1, False, tempfile.mkdtemp()), "t")
+offload.apply(tr, net, torch.device("cpu"), offload.Policy("block_level", 1, False, tempfile.mkdtemp()), "t")
 print(weights, before - rss())
 """
 
 
+@pytest.mark.slow
 def test_weights_spilled_to_disk_leave_host_ram():
     """diffusers leaves an empty_like placeholder for each spilled weight; glibc used to serve it from the previous
     weight's freed, resident chunk, so the spill saved no RAM. Now most of the blocks' bytes leave the process."""
     import subprocess
     import sys
 
-    from conftest import ROOT
-
     r = subprocess.run([sys.executable, "-c", RSS_AFTER_SPILL], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     weights, freed = map(int, r.stdout.split()[-2:])
     assert weights > 70e6 and freed > 0.8 * weights, (weights, freed)
+
+
+def regularised_grads(tr, net) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-row losses and adapter gradients of a batch with one regularisation row (a teacher forward first)."""
+    from job.loss import Batch, batch_loss
+
+    with torch.no_grad():
+        for p in net.parameters():  # a non-zero delta, so the teacher's target differs from the student's output
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    x, e, _ = batch("SMALL", 0)
+    g = torch.Generator().manual_seed(5)
+    sigmas, noise = torch.rand(2, generator=g), torch.randn(x.shape, generator=g)
+    rows = batch_loss(tr, Batch(x, e, regularisation=torch.tensor([False, True])), sigmas, noise, CPU,
+                      torch.float32, net)
+    rows.sum().backward()
+    return rows.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["memory", "disk"])
+def test_the_regularisation_teacher_forward_under_offload_equals_the_reference(disk, tmp_path):
+    ref_rows, ref_grads = regularised_grads(*build("int8-quanto", True)[:2])
+    tr, net, off = build("int8-quanto", True, offload.Policy("block_level", 1, False, str(tmp_path) if disk else ""))
+    r = Residency(tr, off)
+    rows, grads = regularised_grads(tr, net)
+    assert torch.equal(rows, ref_rows) and ref_rows[1] > 0
+    assert_bit_exact([ref_grads], [grads])
+    assert r.resident == set()  # the teacher's forward left nothing loaded behind
+    off.close()

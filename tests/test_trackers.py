@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import ALL_LINEAR, TINY, run_cli
 from job import builtin
-from test_train import ALL_LINEAR, TINY
+
+pytestmark = pytest.mark.slow  # every test here runs the real CLI end to end
 
 TOKEN = "hf_" + "Q" * 34
 WANDB_KEY = "f" * 40
@@ -23,14 +24,21 @@ def data(tmp_path_factory):
     return builtin.single_image_dataset_dir(tmp_path_factory.mktemp("data"))
 
 
-def test_tensorboard_gets_every_step_and_no_secret(tiny_model, data, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def tensorboard_run(tiny_model, data, tmp_path_factory):
+    """Six steps with REPORT_TO=tensorboard and PROFILE=true (a trace of steps 3-5): (run, OUTPUT_DIR)."""
+    out = tmp_path_factory.mktemp("tb") / "out"
     r = run_cli("train", **TINY, model_id=tiny_model, dataset_id=data, output_dir=out, max_train_steps=6,
                 lycoris_config=ALL_LINEAR, report_to="tensorboard", tracker_run_name="tb", hf_token=TOKEN,
-                wandb_api_key=WANDB_KEY, validation_step_interval=3)
+                wandb_api_key=WANDB_KEY, validation_step_interval=3, profile="true")
     assert r.returncode == 0, r.stderr[-2000:]
+    return r, out
+
+
+def test_tensorboard_gets_every_step_and_no_secret(tensorboard_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r, out = tensorboard_run
     acc = EventAccumulator(str(out / "logs" / "tensorboard" / "tb"))
     acc.Reload()
     losses = acc.Scalars("loss")
@@ -59,11 +67,8 @@ def test_wandb_offline_run_has_the_scalars_and_no_secret(tiny_model, data, tmp_p
     assert TOKEN.encode() not in everything and WANDB_KEY.encode() not in everything
 
 
-def test_profile_writes_a_trace_of_a_few_steps(tiny_model, data, tmp_path):
-    out = tmp_path / "out"
-    r = run_cli("train", **TINY, model_id=tiny_model, dataset_id=data, output_dir=out, max_train_steps=6,
-                lycoris_config=ALL_LINEAR, profile="true", validation_step_interval=0)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_profile_writes_a_trace_of_a_few_steps(tensorboard_run):
+    _, out = tensorboard_run
     (trace,) = (out / "profile").glob("*.pt.trace.json")
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)

@@ -14,19 +14,11 @@ from lycoris import create_lycoris_from_weights
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import ALL_LINEAR, TINY, losses, run_cli
 from job import builtin, model
 from job.pipeline import DEMO_LYCORIS
 
-ALL_LINEAR = json.dumps(DEMO_LYCORIS)
-TINY = dict(resolution=64, resolution_type="pixel", validation_resolution="64x64", push_to_hub="false",
-            mixed_precision="no", gradient_checkpointing="false", optimizer="adamw", flow_schedule_shift="1.0",
-            validation_num_inference_steps="2")
 CAPTION = "a red circle"
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +33,7 @@ def learned(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_loss_falls_well_below_its_start(learned):
     r = losses(learned)
     assert len(r) == 200
@@ -53,6 +46,7 @@ def _sample(pipe, seed=0) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(seed)).images
 
 
+@pytest.mark.slow
 def test_sampled_latents_move_towards_the_training_image(learned, tiny_model):
     (target_file,) = (learned / "cache" / "vae").rglob("*.safetensors")  # the one image's cached latent
     target = load_file(str(target_file))["t"].unsqueeze(0)
@@ -66,12 +60,14 @@ def test_sampled_latents_move_towards_the_training_image(learned, tiny_model):
     assert tuned_mse < 0.5 * base_mse, (base_mse, tuned_mse)
 
 
+@pytest.mark.slow
 def test_without_ema_the_published_adapter_is_the_last_live_weights(learned):
     published = load_file(str(learned / "pytorch_lora_weights.safetensors"))
     live = load_file(str(learned / "checkpoints" / "checkpoint-200" / "adapter.safetensors"))
     assert published.keys() == live.keys() and all(torch.equal(published[k], live[k]) for k in live)
 
 
+@pytest.mark.slow
 def test_saved_adapter_loads_onto_a_fresh_transformer_like_the_seed(learned, tiny_model):
     path = learned / "pytorch_lora_weights.safetensors"
     cfg = json.loads((learned / "lycoris_config.json").read_text())
@@ -116,6 +112,7 @@ def test_lycoris_preset_does_not_leak_between_networks(tiny_model):
     assert LycorisNetwork.TARGET_REPLACE_MODULE == before
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_model, tmp_path):
     """8 steps straight vs 4 steps, a new process from checkpoint-4, 4 more: identical adapter tensors."""
     data = builtin.toy_dataset_dir(tmp_path / "data", count=8)
@@ -140,6 +137,7 @@ def test_resume_is_exact(tiny_model, tmp_path):
     assert any(not torch.equal(ca[k], wa[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_lycoris_config_that_targets_nothing_is_refused_early(tiny_model, tmp_path):
     bad = json.dumps({"algo": "lokr", "factor": 4, "apply_preset": {"target_module": ["NoSuchBlock"]}})
     r = run_cli("train", **TINY, model_id=tiny_model, dataset_id=tmp_path, lycoris_config=bad, output_dir=tmp_path / "o")
@@ -148,6 +146,7 @@ def test_lycoris_config_that_targets_nothing_is_refused_early(tiny_model, tmp_pa
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_divergence_exits_5_and_keeps_the_last_checkpoint(tiny_model, tmp_path):
     data = builtin.single_image_dataset_dir(tmp_path / "data")
     out = tmp_path / "out"

@@ -10,9 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import run_cli
+from conftest import ALL_LINEAR, TINY, run_cli
 from job import builtin
-from test_train import ALL_LINEAR, TINY
+
+pytestmark = pytest.mark.slow  # every test here runs the real CLI end to end
 
 TOKEN = "hf_" + "W" * 34
 
