@@ -52,3 +52,23 @@ def test_imports_flow_down_the_table():
             if them and them != me and order.index(them) < order.index(me):
                 upward.append(f"{module} imports {imported}")
     assert not upward, upward
+
+
+def test_the_installed_package_holds_every_module(tmp_path):
+    """The image installs the project non-editable (`pip install /src`); the venv here is editable and would
+    hide a subpackage the build leaves out. Build the wheel from a copy and compare its modules with the tree."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "job", src / "job", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("job/") and n.endswith(".py")}
+    tree = {p.relative_to(src).as_posix() for p in (src / "job").rglob("*.py")}
+    assert shipped == tree, f"missing from the wheel: {sorted(tree - shipped)}"
