@@ -240,3 +240,25 @@ def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monke
         assert os.environ[var] == "max_split_size_mb:128"
         assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128") == "max_split_size_mb:128"
         monkeypatch.delenv(var)
+
+
+# ------------------------------------------------------------------ the test harness itself
+
+
+@pytest.mark.slow
+def test_a_run_forked_from_the_zygote_is_the_run_a_new_interpreter_makes(tiny_model, cli_tmp, monkeypatch):
+    """run_cli forks its runs from a process that has imported torch (tests/zygote.py): the same command in a new
+    interpreter gives the same exit code and the same output, line for line (clock times aside)."""
+    settings = {"MODEL_ID": str(tiny_model), "DATASET_ID": str(cli_tmp / "dataset"), "PUSH_TO_HUB": "false",
+                "RESOLUTION": "64", "VALIDATION_RESOLUTION": "64x64", "HF_TOKEN": TOKEN}
+    (cli_tmp / "dataset").mkdir(exist_ok=True)
+    forked = run_cli("check", **settings)
+    monkeypatch.setenv("JOB_TESTS_FRESH_PYTHON", "1")
+    fresh = run_cli("check", **settings)
+
+    def lines(text: str) -> list[str]:
+        return [re.sub(r"^\d\d:\d\d:\d\d ", "", ln) for ln in text.splitlines()]
+
+    assert forked.returncode == fresh.returncode == 0, (forked, fresh)
+    assert lines(forked.stdout) == lines(fresh.stdout) and lines(forked.stderr) == lines(fresh.stderr), (forked, fresh)
+    assert "plan:" in forked.stderr and TOKEN not in forked.stderr + forked.stdout

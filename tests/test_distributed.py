@@ -21,7 +21,20 @@ import torch
 from diffusers import AuraFlowTransformer2DModel
 from safetensors.torch import load_file
 
-from conftest import ALL_LINEAR, HEAVY, LIST_IMPORTS, ROOT, TINY, clean_env, imported, losses, run_cli
+from conftest import (
+    ALL_LINEAR,
+    HEAVY,
+    LIST_IMPORTS,
+    ROOT,
+    TINY,
+    adapter,
+    clean_env,
+    imported,
+    losses,
+    max_diff,
+    run_cli,
+    wait_for_steps,
+)
 from job import builtin, data, launch, model
 from job.cache import TensorCache
 from job.errors import ConfigError
@@ -54,24 +67,6 @@ def start(out: Path, model_dir: Path, dataset: Path, **over) -> subprocess.Popen
                             stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_steps(out: Path, proc: subprocess.Popen, n: int = 1, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    metrics = out / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (out.parent / f"{out.name}.log").read_text()[-3000:]
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step after {timeout}s")
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "pytorch_lora_weights.safetensors"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +214,7 @@ def test_sigterm_reaches_every_rank_then_another_count_resumes_with_a_warning(ti
     out = tmp_path / "out"
     proc = start(out, tiny_model, dataset, num_processes=2, train_batch_size=1)
     try:
-        wait_for_steps(out, proc)
+        wait_for_steps(out, [proc], [tmp_path / "out.log"])
         proc.send_signal(signal.SIGTERM)  # to the parent only, as docker stop and tini do
         rc = proc.wait(timeout=60)
     finally:
@@ -249,7 +244,7 @@ def test_a_killed_rank_ends_the_job_promptly(tiny_model, dataset, tmp_path, reco
     temp.mkdir()
     proc = start(out, tiny_model, dataset, num_processes=2, train_batch_size=1, tmpdir=temp)  # where the pid files go
     try:
-        wait_for_steps(out, proc, 2)
+        wait_for_steps(out, [proc], [tmp_path / "out.log"], 2)
         (pid_file,) = temp.glob("job-ranks-*/pid-1")
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
         t0 = time.monotonic()

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -78,24 +77,6 @@ def fill(volume: Path, leave: int) -> Path:
     return filler
 
 
-@pytest.fixture
-def receiver():
-    got: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    server.got, server.url = got, f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield server
-    server.shutdown()
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -138,7 +119,7 @@ def test_faults_mid_run_end_clearly_and_the_same_command_resumes(tiny_model, tmp
     resumes from checkpoint-2, recomputes the entries it reads, and writes the adapter of an uninterrupted run."""
     out = (volume or tmp_path) / "out"
     env = dict(SETTINGS, model_id=tiny_model, dataset_id=builtin.single_image_dataset_dir(tmp_path),
-               output_dir=out, webhook_url=receiver.url)
+               output_dir=out, webhook_url=receiver.url + "/hook")
 
     # 1. out of GPU memory at step 3
     r = run_cli("train", **env, job_test_fault="oom@3")
@@ -154,9 +135,9 @@ def test_faults_mid_run_end_clearly_and_the_same_command_resumes(tiny_model, tmp
                            f"checkpoint-2 (in {out / 'checkpoints'}), and the same command resumes from it"), line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     kept = {f.name: f.read_bytes() for f in (out / "checkpoints" / "checkpoint-2").iterdir()}
-    assert receiver.got[-1] | {"text": None} == {"event": "failed", "run": "out", "text": None, "exit_code": 8,
+    assert receiver.events()[-1] | {"text": None} == {"event": "failed", "run": "out", "text": None, "exit_code": 8,
                                                  "images": []}
-    assert receiver.got[-1]["text"] == line
+    assert receiver.events()[-1]["text"] == line
 
     # 2. the volume fills up while training (after the preflight's disk check): checkpoint-4 finds no room
     checkpoint_bytes = tree_size(out / "checkpoints" / "checkpoint-2")
@@ -188,8 +169,8 @@ def test_faults_mid_run_end_clearly_and_the_same_command_resumes(tiny_model, tmp
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]  # no .checkpoint-4.tmp-*
     assert {f.name: f.read_bytes() for f in (out / "checkpoints" / "checkpoint-2").iterdir()} == kept
     assert [p for p in out.rglob(".*")] == []  # no temporary file anywhere
-    assert receiver.got[-1]["event"] == "failed" and receiver.got[-1]["exit_code"] == 7
-    assert receiver.got[-1]["text"] == line
+    assert receiver.events()[-1]["event"] == "failed" and receiver.events()[-1]["exit_code"] == 7
+    assert receiver.events()[-1]["text"] == line
 
     # 3. space freed; every cached latent and embedding damaged behind an intact header
     if filler:

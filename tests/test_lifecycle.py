@@ -11,9 +11,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ALL_LINEAR, ROOT, TINY, clean_env, run_cli
+from conftest import ALL_LINEAR, ROOT, TINY, adapter, clean_env, run_cli
 from job import builtin
 from job.log import StatusFile
 
@@ -25,9 +24,6 @@ def settings(tiny_model, data, out):
                 train_batch_size=2, caption_dropout_probability=0.2, lycoris_config=ALL_LINEAR, learning_rate=3e-3,
                 checkpoint_step_interval=0, validation_step_interval=0)
 
-
-def adapter(out):
-    return load_file(str(out / "pytorch_lora_weights.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from conftest import ALL_LINEAR, ROOT, TINY, clean_env, losses, run_cli
+from conftest import ALL_LINEAR, ROOT, TINY, adapter, clean_env, losses, max_diff, run_cli, wait_for_steps
 from job import builtin, cli, launch
 
 SEED = 5
@@ -85,25 +84,6 @@ def tree(pid: int) -> list[int]:
     return out[::-1]
 
 
-def wait_for_steps(out: Path, procs: list[subprocess.Popen], logs, n: int = 1, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    metrics = out / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        for p, log in zip(procs, logs):
-            assert p.poll() is None, log.read_text()[-3000:]
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no step after {timeout}s")
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "pytorch_lora_weights.safetensors"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +181,7 @@ def test_sigterm_to_one_machine_checkpoints_and_both_exit_143(tiny_model, datase
     out = tmp_path / "out"
     procs, logs = both(tmp_path, tiny_model, dataset, max_train_steps=10_000, checkpoint_step_interval=0)
     try:
-        wait_for_steps(out, procs, logs)
+        wait_for_steps(out, procs, logs, timeout=WAIT_S)
         procs[1].send_signal(signal.SIGTERM)  # to the second machine's job only, as its container's stop would
         codes = finish(procs, timeout=120)
     finally:
@@ -220,7 +200,7 @@ def test_killing_one_machine_ends_the_other_within_seconds(tiny_model, dataset, 
     out = tmp_path / "out"
     procs, logs = both(tmp_path, tiny_model, dataset, max_train_steps=10_000, checkpoint_step_interval=0)
     try:
-        wait_for_steps(out, procs, logs, 2)
+        wait_for_steps(out, procs, logs, 2, timeout=WAIT_S)
         for pid in tree(procs[1].pid):  # the whole second machine: its job, torchrun and rank, without a word
             try:
                 os.kill(pid, signal.SIGKILL)
