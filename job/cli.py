@@ -196,6 +196,8 @@ def _run(command: str, given: dict[str, str | None]) -> None:
             defaults, forced = pipeline.demo_layers(_builtin_root())
             layers = [defaults, *layers, forced]
         settings = config.build_settings(layers)  # bad values fail here, before torch is even imported
+        for secret in settings.secrets():  # those given in CONFIG_FILE too
+            log.register_secret(secret)
         # the download watchdog: huggingface_hub re-requests a file body that stalls this long (read at import)
         os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = f"{settings.output.download_stall_timeout:g}"
         import torch

@@ -355,7 +355,8 @@ class OutputSettings:
     report_to: str = opt("none", "Tracker: wandb, tensorboard or none", _choice("wandb", "tensorboard", "none"))
     tracker_project_name: str = opt("auraflow-lokr", "Tracker project name")
     tracker_run_name: str = opt("", "Tracker run name (default: derived from HUB_MODEL_ID or OUTPUT_DIR)")
-    webhook_url: str = opt("", "POST progress events here (Discord webhooks get Discord's format)")
+    # secret: a Discord or Slack webhook URL carries its key, and anyone holding it can post to the channel
+    webhook_url: str = opt("", "POST progress events here (Discord webhooks get Discord's format)", secret=True)
     export_comfyui: bool = opt("true", "Also write (and push) <name>_comfyui.safetensors: the adapter with the key "
                                "names ComfyUI loads for AuraFlow")
 

@@ -223,7 +223,7 @@ def test_env_names_are_unique_and_the_upper_cased_name():
 
 
 def test_secrets_are_flagged():
-    assert {s.env for s in SPECS if s.secret} == {"HF_TOKEN", "WANDB_API_KEY"}
+    assert {s.env for s in SPECS if s.secret} == {"HF_TOKEN", "WANDB_API_KEY", "WEBHOOK_URL"}
 
 
 # ------------------------------------------------------------------ booleans

@@ -26,6 +26,7 @@ from job.train import Trainer
 
 HF_TOKEN = "hf_" + "S" * 34
 WANDB_KEY = "0123456789abcdef" * 2 + "01234567"
+WEBHOOK_KEY = "Zx9" * 20  # the key part of a Discord webhook URL
 
 
 # ---------------------------------------------------------------- divergence guard
@@ -223,17 +224,26 @@ def test_broken_json_files_are_refused(tmp_path, var, case):
 # ---------------------------------------------------------------- secrets
 
 @pytest.mark.slow
-def test_no_secret_in_any_byte_a_full_run_writes(tiny_model, tmp_path):
+def test_no_secret_in_any_byte_a_full_run_writes(tiny_model, tmp_path, receiver):
+    """Secrets given in the environment, in CONFIG_FILE, or as a webhook URL's key (Discord's are credentials),
+    and pasted into a prompt: none reaches a written file, the terminal or a webhook payload."""
     out = tmp_path / "out"
+    webhook = f"{receiver.url}/api/webhooks/1234/{WEBHOOK_KEY}"
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"wandb_api_key": WANDB_KEY}), encoding="utf-8")
     r = run_cli("demo", output_dir=out, max_train_steps=6, checkpoint_step_interval=3, validation_step_interval=3,
-                report_to="wandb", wandb_mode="offline", hf_token=HF_TOKEN, wandb_api_key=WANDB_KEY,
-                validation_prompt=f"a red circle {HF_TOKEN}", xdg_cache_home=tmp_path / "xdg")
+                report_to="wandb", wandb_mode="offline", hf_token=HF_TOKEN, config_file=config_file,
+                webhook_url=webhook, validation_prompt=f"a red circle {HF_TOKEN} {WANDB_KEY}",
+                xdg_cache_home=tmp_path / "xdg")
     assert r.returncode == 0, r.stderr[-2000:]
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     logs = (r.stdout + r.stderr).encode()
+    posted = b"".join(body for _, _, body in receiver.got)
     assert len(written) > 10_000  # the run really wrote its files: adapter, samples, checkpoints, wandb
-    for secret in (HF_TOKEN, WANDB_KEY):
-        assert secret.encode() not in written and secret.encode() not in logs, secret
+    assert [path for path, _, _ in receiver.got][-1] == f"/api/webhooks/1234/{WEBHOOK_KEY}"  # and it was used
+    for secret in (HF_TOKEN, WANDB_KEY, WEBHOOK_KEY):
+        for where, data in (("files", written), ("terminal", logs), ("webhook", posted)):
+            assert secret.encode() not in data, (secret, where)
     assert os.environ.get("HF_TOKEN") != HF_TOKEN  # and the test process itself was never given it
 
 
