@@ -426,11 +426,7 @@ class Settings:
 
     def public_dict(self) -> dict:
         """Resolved settings for training_config.json and trackers: secrets removed, not masked."""
-        out = {}
-        for spec in SPECS:
-            if not spec.secret:
-                value = self.value(spec)
-                out[spec.name] = list(map(list, value)) if isinstance(value, tuple) else value
+        out = {spec.name: _public(self.value(spec)) for spec in SPECS if not spec.secret}
         out["model_id"] = self.model_id
         return json.loads(log.redact(json.dumps(out), self.secrets()))
 
@@ -472,6 +468,17 @@ def _specs() -> list[Spec]:
 
 SPECS: list[Spec] = _specs()
 SPEC_BY_NAME: dict[str, Spec] = {s.name: s for s in SPECS}
+
+
+def _public(value: Any) -> Any:
+    """A parsed value as public_dict writes it (JSON: tuples of tuples become lists of lists)."""
+    return json.loads(json.dumps(list(map(list, value)) if isinstance(value, tuple) else value))
+
+
+def public_default(name: str) -> Any:
+    """Setting `name`'s default as public_dict writes it."""
+    spec = SPEC_BY_NAME[name]
+    return _public(spec.parse(spec.default))
 CONFIG_FILE_ENV = "CONFIG_FILE"
 
 # SimpleTuner's config.json spells its keys as its command-line options ("--learning_rate"); the prefix is dropped.

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from job import config
 from job.errors import ConfigError
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -64,7 +65,11 @@ def finished_run(out: Path, public: dict) -> dict | None:
         return None
     record = json.loads(path.read_text())
     now = result_settings(public)
-    changed = sorted(k for k in set(now) | set(record["settings"]) if now.get(k) != record["settings"].get(k))
+    # A record written by an older version lacks the settings added since: at their defaults they change nothing.
+    # One this version no longer has cannot be set, so cannot differ.
+    then = {**{k: config.public_default(k) for k in now.keys() - record["settings"].keys() if k in config.SPEC_BY_NAME},
+            **{k: v for k, v in record["settings"].items() if k in now}}
+    changed = sorted(k for k in now if now[k] != then.get(k))
     if changed:
         raise ConfigError([f"OUTPUT_DIR={out} holds a finished run with other settings ({', '.join(changed)}); "
                            "its files are left as they are: start a new run with a new OUTPUT_DIR"])

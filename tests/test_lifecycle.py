@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from conftest import ALL_LINEAR, ROOT, TINY, adapter, clean_env, run_cli
-from job import builtin
+from job import builtin, outputs
+from job.config import build_settings
+from job.errors import ConfigError
 from job.log import StatusFile
 
 STEPS = 24
@@ -81,6 +83,20 @@ def test_a_finished_run_is_not_trained_twice(reference, tiny_model, data):
     r = run_cli("train", **{**settings(tiny_model, data, reference), "learning_rate": 1e-2})
     assert r.returncode == 2 and "learning_rate" in r.stderr and "new OUTPUT_DIR" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_finished_by_an_older_version_is_still_recognised(tmp_path):
+    """The record of a version that lacked a setting, or had one since removed: at the new setting's default the
+    run is the same run; set otherwise, it is another."""
+    public = build_settings([{"dataset_id": "some/dataset", "push_to_hub": "false"}]).public_dict()
+    older = {k: v for k, v in outputs.result_settings(public).items() if k != "export_comfyui"}
+    older["a_setting_since_removed"] = 3
+    (tmp_path / outputs.COMPLETION).write_text(json.dumps({"settings": older, "pushed": None}))
+    assert outputs.finished_run(tmp_path, public)["settings"] == older
+    with pytest.raises(ConfigError, match=r"other settings \(export_comfyui\)"):
+        outputs.finished_run(tmp_path, {**public, "export_comfyui": not public["export_comfyui"]})
+    with pytest.raises(ConfigError, match=r"other settings \(learning_rate\)"):
+        outputs.finished_run(tmp_path, {**public, "learning_rate": 1.0})
 
 
 def torn_reads(path, write, writes: int = 600) -> tuple[int, int]:
