@@ -131,6 +131,10 @@ class PeerFailed(JobError):
         self.exit_code = exit_code
 
 
+class PeerFault(PeerFailed, Fault):
+    """On rank 0, when another rank's failure broke the run: that rank has gone, so nothing waits for it."""
+
+
 class RankZeroFault(RankZeroFailed, Fault):
     """Likewise, when rank 0's failure was a Fault: it leaves without waiting for the others, and so do they."""
 

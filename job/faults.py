@@ -16,8 +16,10 @@ Also the test-only fault injection (`Injection`, from JOB_TEST_FAULT, which only
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -28,14 +30,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from job import checkpoint, hub, model
+from job import checkpoint, hub, model, outputs
 from job.config import Settings, datasets
 from job.errors import (
     ConfigError,
     DeviceFailed,
     DiskFull,
+    Interrupted,
     JobError,
     OutOfMemory,
+    PeerFault,
     Unexpected,
     device_failed,
     disk_full,
@@ -62,24 +66,27 @@ class Injection:
     raises after a device-side assert, before step N; `enospc@N`: ENOSPC from the write of checkpoint N, its adapter
     file already in the temporary folder (where the test cannot mount a small tmpfs for a real full disk); `stop@N`:
     the process stops itself (SIGSTOP) before step N, so that a test can fill the volume, as another process would,
-    after the preflight's disk check passed, and continue it (SIGCONT)."""
+    after the preflight's disk check passed, and continue it (SIGCONT). `KIND@STEP/RANK`: in that rank only."""
 
     kind: str
     step: int
+    rank: int | None = None
+    own_rank: int = 0  # the rank of the process that parsed it
 
     KINDS = ("oom", "device", "enospc", "stop")
 
     @classmethod
-    def parse(cls, spec: str) -> Injection | None:
+    def parse(cls, spec: str, own_rank: int = 0) -> Injection | None:
         if not spec:
             return None
-        kind, _, step = spec.partition("@")
-        if kind not in cls.KINDS or not step.isdigit():
-            raise ConfigError([f"JOB_TEST_FAULT={spec!r}: expected KIND@STEP with KIND one of {', '.join(cls.KINDS)}"])
-        return cls(kind, int(step))
+        found = re.fullmatch(r"([a-z]+)@(\d+)(?:/(\d+))?", spec)
+        if not found or found[1] not in cls.KINDS:
+            raise ConfigError([f"JOB_TEST_FAULT={spec!r}: expected KIND@STEP or KIND@STEP/RANK with KIND one of "
+                               f"{', '.join(cls.KINDS)}"])
+        return cls(found[1], int(found[2]), None if found[3] is None else int(found[3]), own_rank)
 
     def __call__(self, point: str, step: int, path: Path | None = None) -> None:
-        if step != self.step:
+        if step != self.step or self.rank not in (None, self.own_rank):
             return
         note = "(injected by JOB_TEST_FAULT)"
         if point == "step" and self.kind == "stop":
@@ -90,6 +97,9 @@ class Injection:
             raise getattr(torch, "AcceleratorError", RuntimeError)(f"CUDA error: device-side assert triggered {note}")
         if point == "checkpoint" and self.kind == "enospc":
             raise OSError(errno.ENOSPC, f"No space left on device {note}", str(path))
+
+
+PEER_RECORD = "rank-{rank}.failed.json"  # in OUTPUT_DIR/logs: a failed rank's line and exit code, for rank 0
 
 
 @dataclass
@@ -105,6 +115,15 @@ class Scene:
     injection: Injection | None = None
     model_dir: Path | None = None  # once pulled
     trainer: Trainer | None = None  # once built
+    world: int = 1  # processes in the run
+
+    def __post_init__(self):
+        # a failure record left by an earlier run is not this run's: each rank removes its own, rank 0 also those
+        # of ranks this run does not have
+        for path in (self.out / "logs").glob(PEER_RECORD.format(rank="*")):
+            rank = int(re.sub(r"\D", "", path.name) or -1)
+            if rank == self.rank or (self.rank == 0 and rank >= self.world):
+                path.unlink(missing_ok=True)
 
     @property
     def out(self) -> Path:
@@ -131,6 +150,40 @@ def explain(e: BaseException, scene: Scene) -> JobError:
     saved = _save_traceback(scene, line, trace)
     line += f" (traceback: {saved})" if saved else " (no room for the traceback file; DEBUG=true prints it)"
     return kind(line)
+
+
+def record_for_rank_zero(error: JobError, scene: Scene) -> None:
+    """On a rank other than 0: its failure's line and exit code in OUTPUT_DIR/logs/ (shared by every machine), before
+    it exits. Rank 0 only sees the collective break when this rank's process goes; it reports what this one says."""
+    record = {"rank": scene.rank, "exit_code": error.exit_code, "line": redact(str(error)), "at": time.time()}
+    path = scene.out / "logs" / PEER_RECORD.format(rank=scene.rank)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        outputs.write_json(path, record)
+    except OSError:  # a full disk: rank 0 then reports the broken collective, the exit code is still this rank's
+        pass
+
+
+def peer_failure(error: JobError, scene: Scene, wait_s: float = 2.0) -> JobError:
+    """On rank 0: `error`, or the failure another rank recorded first when `error` is only its consequence (an
+    unexpected error: the collective broke; or an interruption: torchrun stops the other ranks after one failed)."""
+    if scene.world == 1 or not isinstance(error, Unexpected | Interrupted):
+        return error
+    deadline = time.monotonic() + (wait_s if isinstance(error, Unexpected) else 0)  # a shared volume may lag
+    while True:
+        found = []
+        for path in (scene.out / "logs").glob(PEER_RECORD.format(rank="*")):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):  # half written by a rank killed meanwhile
+                continue
+        if found or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not found:
+        return error
+    first = min(found, key=lambda r: r["at"])
+    return PeerFault(int(first["exit_code"]), f"rank {first['rank']} failed: {first['line']}; {_resume(scene)}")
 
 
 # ---------------------------------------------------------------- the kinds

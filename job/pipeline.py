@@ -34,7 +34,7 @@ from job import (
 from job.config import Settings, datasets, tokenizer_max_length
 from job.distributed import Context, Ranks, started
 from job.errors import ConfigError, DataError, Fault, Interrupted, JobError
-from job.faults import Injection, Scene, explain
+from job.faults import Injection, Scene, explain, peer_failure, record_for_rank_zero
 from job.log import MetricsSink, NullSink, StatusFile, Tracker, make_tracker, quiet_libraries
 from job.loss import eval_loss
 from job.signals import StopFlag
@@ -81,7 +81,7 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
     process). Every rank runs this; rank 0 alone talks to the Hub and writes the outputs. `debug` (DEBUG): a
     failure's traceback on the terminal too; `test_fault` (JOB_TEST_FAULT): test-only, see faults.Injection."""
     ranks = ranks or Ranks()
-    injection = Injection.parse(test_fault)
+    injection = Injection.parse(test_fault, ranks.rank)
     out = Path(settings.output.output_dir)
     record = outputs.finished_run(out, settings.public_dict()) if command != "check" else None
     if record:
@@ -108,7 +108,7 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
         status = StatusFile(out / "status.json" if ctx.is_main else None)
         notify = webhook.make(settings.output.webhook_url if ctx.is_main else "",
                               settings.output.hub_model_id or out.resolve().name)
-        scene = Scene(settings, geo, ctx.device, status, ctx.rank, debug, injection)
+        scene = Scene(settings, geo, ctx.device, status, ctx.rank, debug, injection, world=ctx.world)
         try:
             finish = train(settings, ctx, geo, status, notify, scene)
         except Exception as e:
@@ -139,7 +139,9 @@ def failed(e: Exception, scene: Scene, creds: cloud.Credentials, notify) -> JobE
     and POD_ACTION_ON_FAILURE. Returns the error the job exits with."""
     error = explain(e, scene)
     if scene.rank != 0:
+        record_for_rank_zero(error, scene)
         return error
+    error = peer_failure(error, scene)
     interrupted = isinstance(error, Interrupted)
     try:
         scene.status.update(phase="interrupted" if interrupted else "failed", last_error=str(error))

@@ -364,3 +364,26 @@ def test_the_other_ranks_leave_with_the_code_of_rank_0s_fault(tmp_path):
     mp.start_processes(rank_zero_failures, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
     assert json.loads((tmp_path / "rank0").read_text()) == [["OSError", None, False], ["DivergedError", 5, False]]
     assert json.loads((tmp_path / "rank1").read_text()) == [["RankZeroFault", 7, True], ["RankZeroFailed", 5, False]]
+
+
+@pytest.mark.slow
+def test_another_ranks_fault_is_what_rank_0_reports(tiny_model, tmp_path, receiver):
+    """Rank 1 runs out of memory: rank 0 only sees its collective break, yet status.json, the webhook and every exit
+    code say what rank 1 said, with the checkpoint to resume from. A record left by an earlier run is not used."""
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    stale = {"rank": 3, "exit_code": 7, "line": "disk full, in an earlier run", "at": 0.0}
+    (out / "logs" / "rank-3.failed.json").write_text(json.dumps(stale))
+    r = run_cli("train", **SETTINGS, model_id=tiny_model, dataset_id=builtin.toy_dataset_dir(tmp_path, count=8),
+                output_dir=out, webhook_url=receiver.url + "/hook", num_processes=2, train_batch_size=1,
+                job_test_fault="oom@4/1")
+    assert r.returncode == 8, r.stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["phase"] == "failed", status
+    assert status["last_error"].startswith("rank 1 failed: out of GPU memory at step 4 "), status
+    assert status["last_error"].endswith(f"the last good checkpoint is checkpoint-2 (in {out / 'checkpoints'}), and "
+                                         "the same command resumes from it"), status
+    assert receiver.events()[-1] | {"text": None} == {"event": "failed", "run": "out", "text": None, "exit_code": 8,
+                                                      "images": []}
+    assert receiver.events()[-1]["text"] == status["last_error"]
+    assert not (out / "logs" / "rank-3.failed.json").exists()
