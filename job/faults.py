@@ -154,7 +154,10 @@ def explain(e: BaseException, scene: Scene) -> JobError:
 
 def record_for_rank_zero(error: JobError, scene: Scene) -> None:
     """On a rank other than 0: its failure's line and exit code in OUTPUT_DIR/logs/ (shared by every machine), before
-    it exits. Rank 0 only sees the collective break when this rank's process goes; it reports what this one says."""
+    it exits. Rank 0 only sees the collective break when this rank's process goes; it reports what this one says.
+    An interruption is not recorded: a signal reaches every rank, and rank 0 reports its own."""
+    if isinstance(error, Interrupted):
+        return
     record = {"rank": scene.rank, "exit_code": error.exit_code, "line": redact(str(error)), "at": time.time()}
     path = scene.out / "logs" / PEER_RECORD.format(rank=scene.rank)
     try:
