@@ -152,9 +152,10 @@ def explain(e: BaseException, scene: Scene) -> JobError:
     return kind(line)
 
 
-def record_for_rank_zero(error: JobError, scene: Scene) -> None:
-    """On a rank other than 0: its failure's line and exit code in OUTPUT_DIR/logs/ (shared by every machine), before
-    it exits. Rank 0 only sees the collective break when this rank's process goes; it reports what this one says.
+def record_failure(error: JobError, scene: Scene) -> None:
+    """On a rank other than 0, its own failure's line and exit code in OUTPUT_DIR/logs/ (shared by every machine),
+    before it exits. The other ranks only see their collective break when this rank's process goes (or torchrun
+    stops them): rank 0 reports what this one says, and every rank leaves with its exit code.
     An interruption is not recorded: a signal reaches every rank, and rank 0 reports its own."""
     if isinstance(error, Interrupted):
         return
@@ -163,13 +164,13 @@ def record_for_rank_zero(error: JobError, scene: Scene) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         outputs.write_json(path, record)
-    except OSError:  # a full disk: rank 0 then reports the broken collective, the exit code is still this rank's
+    except OSError:  # a full disk: the others then report their broken collective
         pass
 
 
 def peer_failure(error: JobError, scene: Scene, wait_s: float = 2.0) -> JobError:
-    """On rank 0: `error`, or the failure another rank recorded first when `error` is only its consequence (an
-    unexpected error: the collective broke; or an interruption: torchrun stops the other ranks after one failed)."""
+    """`error`, or the failure another rank recorded first when `error` is only its consequence (an unexpected
+    error: the collective broke; or an interruption: torchrun stops the other ranks after one failed)."""
     if scene.world == 1 or not isinstance(error, Unexpected | Interrupted):
         return error
     deadline = time.monotonic() + (wait_s if isinstance(error, Unexpected) else 0)  # a shared volume may lag

@@ -34,7 +34,7 @@ from job import (
 from job.config import Settings, datasets, tokenizer_max_length
 from job.distributed import Context, Ranks, started
 from job.errors import ConfigError, DataError, Fault, Interrupted, JobError
-from job.faults import Injection, Scene, explain, peer_failure, record_for_rank_zero
+from job.faults import Injection, Scene, explain, peer_failure, record_failure
 from job.log import MetricsSink, NullSink, StatusFile, Tracker, make_tracker, quiet_libraries
 from job.loss import eval_loss
 from job.signals import StopFlag
@@ -137,11 +137,12 @@ def failed(e: Exception, scene: Scene, creds: cloud.Credentials, notify) -> JobE
     """The one place where any failure after preflight becomes its outcome: the failure kind with its exit code and
     a one-line message (a fault's traceback in OUTPUT_DIR/logs/), then, from rank 0, status.json, the webhook event
     and POD_ACTION_ON_FAILURE. Returns the error the job exits with."""
-    error = explain(e, scene)
+    own = explain(e, scene)
+    error = peer_failure(own, scene)  # when `own` only follows from another rank's failure: that one
     if scene.rank != 0:
-        record_for_rank_zero(error, scene)
+        if error is own:
+            record_failure(own, scene)
         return error
-    error = peer_failure(error, scene)
     interrupted = isinstance(error, Interrupted)
     try:
         scene.status.update(phase="interrupted" if interrupted else "failed", last_error=str(error))

@@ -282,3 +282,18 @@ def test_the_exit_code_reads_this_machines_ranks(tmp_path):
     (tmp_path / "exit-2").write_text("0 20.5")
     (tmp_path / "exit-3").write_text("0 20.0")
     assert launch.exit_code(1, tmp_path, 2) == 0
+
+
+@pytest.mark.slow
+def test_a_fault_on_one_machine_is_what_both_report_and_exit_with(tiny_model, dataset, tmp_path):
+    """Two processes on each machine; the second machine's second rank runs out of memory. The first machine's
+    ranks only see their collectives break, or torchrun stop them; they leave with its exit code, and status.json
+    says what it said."""
+    out = tmp_path / "out"
+    procs, logs = both(tmp_path, tiny_model, dataset, num_processes=2, max_train_steps=6, checkpoint_step_interval=2,
+                       job_test_fault="oom@4/3")
+    codes = finish(procs)
+    assert codes == [8, 8], [log.read_text()[-3000:] for log in logs]
+    status = json.loads((out / "status.json").read_text())
+    assert status["phase"] == "failed" and status["last_error"].startswith("rank 3 failed: out of GPU memory at step 4")
+    assert [p.name for p in (out / "logs").glob("rank-*.failed.json")] == ["rank-3.failed.json"]  # the cause alone
