@@ -262,3 +262,17 @@ def test_a_run_forked_from_the_zygote_is_the_run_a_new_interpreter_makes(tiny_mo
     assert forked.returncode == fresh.returncode == 0, (forked, fresh)
     assert lines(forked.stdout) == lines(fresh.stdout) and lines(forked.stderr) == lines(fresh.stderr), (forked, fresh)
     assert "plan:" in forked.stderr and TOKEN not in forked.stderr + forked.stdout
+
+
+@pytest.mark.slow
+def test_a_forked_run_past_its_timeout_is_killed_and_the_next_run_is_unaffected(tiny_model, cli_tmp):
+    import subprocess
+
+    from job import builtin
+
+    data = builtin.toy_dataset_dir(cli_tmp, count=4)
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_cli("train", timeout=2, model_id=tiny_model, dataset_id=data, output_dir=cli_tmp / "endless",
+                push_to_hub="false", resolution=64, validation_resolution="64x64", max_train_steps=100_000)
+    r = run_cli("--help")
+    assert r.returncode == 0 and "MAX_TRAIN_STEPS" in r.stdout, r
