@@ -479,6 +479,8 @@ def public_default(name: str) -> Any:
     """Setting `name`'s default as public_dict writes it."""
     spec = SPEC_BY_NAME[name]
     return _public(spec.parse(spec.default))
+
+
 CONFIG_FILE_ENV = "CONFIG_FILE"
 
 # SimpleTuner's config.json spells its keys as its command-line options ("--learning_rate"); the prefix is dropped.

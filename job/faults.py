@@ -99,7 +99,7 @@ class Injection:
             raise OSError(errno.ENOSPC, f"No space left on device {note}", str(path))
 
 
-PEER_RECORD = "rank-{rank}.failed.json"  # in OUTPUT_DIR/logs: a failed rank's line and exit code, for rank 0
+PEER_RECORD = "rank-{rank}.failed.json"  # in OUTPUT_DIR/logs: a failed rank's line and exit code, for the others
 
 
 @dataclass
@@ -116,14 +116,6 @@ class Scene:
     model_dir: Path | None = None  # once pulled
     trainer: Trainer | None = None  # once built
     world: int = 1  # processes in the run
-
-    def __post_init__(self):
-        # a failure record left by an earlier run is not this run's: each rank removes its own, rank 0 also those
-        # of ranks this run does not have
-        for path in (self.out / "logs").glob(PEER_RECORD.format(rank="*")):
-            rank = int(re.sub(r"\D", "", path.name) or -1)
-            if rank == self.rank or (self.rank == 0 and rank >= self.world):
-                path.unlink(missing_ok=True)
 
     @property
     def out(self) -> Path:
@@ -150,6 +142,15 @@ def explain(e: BaseException, scene: Scene) -> JobError:
     saved = _save_traceback(scene, line, trace)
     line += f" (traceback: {saved})" if saved else " (no room for the traceback file; DEBUG=true prints it)"
     return kind(line)
+
+
+def forget_earlier_failures(scene: Scene) -> None:
+    """At the start: a failure record left by an earlier run is not this run's. Each rank removes its own (no other
+    rank writes it), rank 0 also those of ranks this run does not have."""
+    for path in (scene.out / "logs").glob(PEER_RECORD.format(rank="*")):
+        found = re.fullmatch(r"rank-(\d+)\.failed\.json", path.name)  # PEER_RECORD's
+        if found and (int(found[1]) == scene.rank or (scene.rank == 0 and int(found[1]) >= scene.world)):
+            path.unlink(missing_ok=True)
 
 
 def record_failure(error: JobError, scene: Scene) -> None:

@@ -34,7 +34,7 @@ from job import (
 from job.config import Settings, datasets, tokenizer_max_length
 from job.distributed import Context, Ranks, started
 from job.errors import ConfigError, DataError, Fault, Interrupted, JobError
-from job.faults import Injection, Scene, explain, peer_failure, record_failure
+from job.faults import Injection, Scene, explain, forget_earlier_failures, peer_failure, record_failure
 from job.log import MetricsSink, NullSink, StatusFile, Tracker, make_tracker, quiet_libraries
 from job.loss import eval_loss
 from job.signals import StopFlag
@@ -109,6 +109,7 @@ def run(command: str, settings: Settings, creds: cloud.Credentials, ranks: Ranks
         notify = webhook.make(settings.output.webhook_url if ctx.is_main else "",
                               settings.output.hub_model_id or out.resolve().name)
         scene = Scene(settings, geo, ctx.device, status, ctx.rank, debug, injection, world=ctx.world)
+        forget_earlier_failures(scene)
         try:
             finish = train(settings, ctx, geo, status, notify, scene)
         except Exception as e:
